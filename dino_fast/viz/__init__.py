@@ -1,0 +1,1 @@
+"""dino_fast.viz"""

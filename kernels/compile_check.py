@@ -1,0 +1,112 @@
+"""Compile Triton kernels for CUDA targets without a GPU and report their resource usage.
+
+``triton.compile`` with an explicit ``GPUTarget`` runs the whole pipeline (TTIR -> TTGIR ->
+LLVM IR -> PTX -> cubin through the ``ptxas`` that ships with Triton) on a machine with no GPU.
+The registers, stack and local memory (spills) are then read from the cubin with the
+``cuobjdump`` that ships with Triton.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class KernelResources:
+    """Resource usage of one compiled kernel.
+
+    Attributes:
+        name: kernel function name.
+        arch: compute capability, e.g. 80 or 90.
+        num_warps: warps per program.
+        registers: registers per thread.
+        stack: stack bytes per thread (Triton kernels use none unless they spill).
+        local: local-memory bytes per thread (register spills land here).
+        shared: static shared-memory bytes per program.
+        spill_stores / spill_loads: bytes, as reported by ``ptxas -v`` (0 when none).
+    """
+
+    name: str
+    arch: int
+    num_warps: int
+    registers: int
+    stack: int
+    local: int
+    shared: int
+    spill_stores: int
+    spill_loads: int
+
+    @property
+    def spills(self) -> bool:
+        """True when the kernel spills registers to local memory."""
+        return self.local > 0 or self.stack > 0 or self.spill_stores > 0 or self.spill_loads > 0
+
+
+def _nvidia_bin(tool: str) -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{tool} not found at {path}: this Triton wheel has no NVIDIA backend")
+    return path
+
+
+def compile_for(
+    fn: Any,
+    signature: Mapping[str, str],
+    constexprs: Mapping[str, Any],
+    *,
+    arch: int,
+    num_warps: int = 4,
+    num_stages: int = 3,
+) -> KernelResources:
+    """Compile ``fn`` (an ``@triton.jit`` function) for ``sm_{arch}`` and return its resources.
+
+    Args:
+        fn: the JIT function.
+        signature: argument name -> Triton type (``"*fp32"``, ``"i32"``, ``"fp32"``,
+            ``"constexpr"``), for every argument of ``fn`` in order.
+        constexprs: values of the ``constexpr`` arguments.
+        arch: compute capability (80 for A100, 90 for H100).
+        num_warps / num_stages: launch options as the launcher uses them.
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(fn, signature=dict(signature), constexprs=dict(constexprs))
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
+    cubin = compiled.asm["cubin"]
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin_path = os.path.join(tmp, "k.cubin")
+        with open(cubin_path, "wb") as f:
+            f.write(cubin)
+        usage = subprocess.run(
+            [_nvidia_bin("cuobjdump"), "--dump-resource-usage", cubin_path],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        ptx_path = os.path.join(tmp, "k.ptx")
+        with open(ptx_path, "w") as f:
+            f.write(ptx)
+        ptxas = subprocess.run(
+            [_nvidia_bin("ptxas"), "-v", f"--gpu-name=sm_{arch}{'a' if arch == 90 else ''}", ptx_path,
+             "-o", os.path.join(tmp, "k2.cubin")],
+            capture_output=True, text=True,
+        )
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    if m is None:
+        raise RuntimeError(f"could not parse cuobjdump output:\n{usage}")
+    reg, stack, shared, local = (int(g) for g in m.groups())
+    sm = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas.stdout + ptxas.stderr)
+    spill_st, spill_ld = (int(sm.group(1)), int(sm.group(2))) if sm else (0, 0)
+    return KernelResources(
+        name=fn.__name__, arch=arch, num_warps=num_warps, registers=reg, stack=stack, local=local,
+        shared=shared, spill_stores=spill_st, spill_loads=spill_ld,
+    )

@@ -1,0 +1,23 @@
+"""Test configuration: Triton kernels run under the interpreter on CPU tensors.
+
+TRITON_INTERPRET must be set before triton is imported anywhere, hence here, at the top.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _fresh_seed() -> None:
+    """Fresh random inputs every run (seed printed on failure through the test id is not needed:
+    a failing input is reported with its shapes and error); torch's global RNG is reseeded from
+    the OS so runs differ."""
+    torch.seed()
+
+
+def pytest_report_header(config):  # noqa: D103
+    return f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
