@@ -1,1 +1,1 @@
-"""dino_fast.reference"""
+"""Eager reference implementations of the official DINO algorithm (tests and benchmarks only)."""
