@@ -1,0 +1,325 @@
+"""Multi-head self-attention with three interchangeable backends, and backend selection.
+
+Backends (all compute ``softmax(q k^T * scale) v`` per head, the official DINO attention):
+
+- ``"xformers"``: ``xformers.ops.memory_efficient_attention`` (CUDA only: xformers has no CPU
+  operators since 0.0.22). Also runs packed sequences of different lengths in one call through a
+  ``BlockDiagonalMask`` (all crops of all resolutions at once, see :func:`packed_attention`).
+- ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
+  kernels on CUDA, a fused flash kernel on CPU); the CPU default.
+- ``"math"``: the official explicit softmax; the only backend that returns the attention
+  weights (``get_last_selfattention``, attention maps).
+- ``"auto"``: ``xformers`` when it is installed and the tensors are on CUDA, ``sdpa`` otherwise;
+  the first resolution per device type logs through :mod:`logging` which backend and why.
+
+An explicit request that cannot be honoured (``"xformers"`` on CPU tensors, or without xformers
+installed) raises :class:`ValueError` saying why; nothing falls back silently.
+
+Shapes in comments: B batch, N tokens, C = H * Dh channels, H heads, Dh head dim, T total
+tokens of a packed batch.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+ATTN_BACKENDS = ("auto", "xformers", "sdpa", "math")
+
+
+def check_attn_backend(name: str) -> str:
+    """Validate an attention backend name (one of :data:`ATTN_BACKENDS`) and return it.
+
+    Raises:
+        TypeError: when ``name`` is not a string.
+        ValueError: when ``name`` is not one of :data:`ATTN_BACKENDS`.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"attn_backend must be a str, one of {ATTN_BACKENDS}, got {type(name).__name__}")
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"attn_backend must be one of {ATTN_BACKENDS}, got {name!r}")
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _xformers_import() -> tuple[Any, str]:
+    """Import ``xformers.ops`` once. Returns ``(module or None, reason it is unavailable or "")``."""
+    try:
+        spec = importlib.util.find_spec("xformers")
+    except (ImportError, ValueError):  # pragma: no cover - broken installation metadata
+        spec = None
+    if spec is None:
+        return None, "xformers is not installed (pip install 'dino-fast[xformers]')"
+    try:
+        xops = importlib.import_module("xformers.ops")
+    except Exception as exc:  # a binary built for another torch raises all sorts of errors
+        return None, f"xformers is installed but failed to import: {type(exc).__name__}: {exc}"
+    return xops, ""
+
+
+def xformers_status() -> tuple[bool, str]:
+    """Whether ``xformers.ops`` can be imported, and if not, why (``(True, "")`` when it can)."""
+    xops, reason = _xformers_import()
+    return xops is not None, reason
+
+
+def resolve_attn_backend(requested: str, device: torch.device | str, *, log_state: dict | None = None) -> str:
+    """Resolve an attention backend request for tensors on ``device`` to a concrete backend.
+
+    Args:
+        requested: one of :data:`ATTN_BACKENDS`.
+        device: the device of the attention inputs.
+        log_state: a dict owned by the caller (one per model) that records which device types
+            ``"auto"`` already logged its choice for, so the choice is logged once per model
+            and device type; ``None`` logs every ``"auto"`` resolution.
+
+    Returns:
+        ``"xformers"``, ``"sdpa"`` or ``"math"``.
+
+    Raises:
+        ValueError: unknown name; ``"xformers"`` requested for non-CUDA tensors or when xformers
+            cannot be imported (the message says which).
+    """
+    requested = check_attn_backend(requested)
+    device = torch.device(device)
+    if requested == "auto":
+        ok, reason = xformers_status()
+        if ok and device.type == "cuda":
+            choice, why = "xformers", "xformers is installed and the tensors are on CUDA"
+        elif device.type != "cuda":
+            choice, why = "sdpa", f"the tensors are on {device.type}, and xformers has CUDA operators only"
+        else:
+            choice, why = "sdpa", reason
+        if log_state is None or device.type not in log_state:
+            logger.info("attn_backend='auto' chose %r for %s tensors: %s", choice, device.type, why)
+            if log_state is not None:
+                log_state[device.type] = choice
+        return choice
+    if requested == "xformers":
+        ok, reason = xformers_status()
+        if not ok:
+            raise ValueError(f"attn_backend='xformers' was requested but {reason}; use 'sdpa' or 'auto'")
+        if device.type != "cuda":
+            raise ValueError(
+                f"attn_backend='xformers' needs CUDA tensors (got {device.type} tensors): xformers has no "
+                "CPU operators; use 'sdpa' or 'auto'"
+            )
+    return requested
+
+
+def math_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official explicit-softmax attention.
+
+    Args:
+        q, k, v: ``[B, H, N, Dh]`` float tensors (same dtype and device).
+        scale: multiplier of ``q k^T`` (official: ``Dh ** -0.5``).
+        dropout_p: dropout on the attention weights (training only; callers pass 0 in eval).
+
+    Returns:
+        ``(out [B, H, N, Dh], attn [B, H, N, N])``; ``attn`` holds the weights after dropout, as
+        the official code returns them (the plain softmax when ``dropout_p == 0``).
+    """
+    attn = (q @ k.transpose(-2, -1)) * scale  # [B, H, N, N]
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0.0:
+        attn = F.dropout(attn, p=dropout_p, training=True)
+    return attn @ v, attn
+
+
+def _validate_seqlens(seqlens: Sequence[int], total: int) -> list[int]:
+    """Check that ``seqlens`` are positive ints summing to ``total``; return them as a list."""
+    if isinstance(seqlens, torch.Tensor):
+        seqlens = seqlens.tolist()
+    seqlens = list(seqlens)
+    if len(seqlens) == 0:
+        raise ValueError("seqlens must hold at least one sequence length, got an empty sequence")
+    for i, n in enumerate(seqlens):
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise ValueError(f"seqlens must be positive ints, got {n!r} at position {i}")
+    if sum(seqlens) != total:
+        raise ValueError(
+            f"seqlens sum to {sum(seqlens)} tokens but the packed tensor holds {total} tokens; a mismatched "
+            "block-diagonal mask would silently mix sequences"
+        )
+    return seqlens
+
+
+@functools.lru_cache(maxsize=64)
+def _block_diagonal_mask(seqlens: tuple[int, ...]) -> Any:
+    """xformers ``BlockDiagonalMask`` for ``seqlens``, checked against the lengths it was built from."""
+    xops, reason = _xformers_import()
+    if xops is None:
+        raise ValueError(f"a block-diagonal mask needs xformers but {reason}")
+    from xformers.ops.fmha.attn_bias import BlockDiagonalMask
+
+    mask = BlockDiagonalMask.from_seqlens(list(seqlens))
+    starts = getattr(getattr(mask, "q_seqinfo", None), "seqstart_py", None)
+    if starts is not None:
+        expected = [0]
+        for n in seqlens:
+            expected.append(expected[-1] + n)
+        if list(starts) != expected:
+            raise ValueError(f"xformers BlockDiagonalMask has sequence starts {list(starts)}, expected {expected}")
+    return mask
+
+
+def packed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seqlens: Sequence[int],
+    scale: float,
+    backend: str,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention over several sequences packed along the token axis (block-diagonal attention).
+
+    Args:
+        q, k, v: ``[1, T, H, Dh]`` (xformers layout), ``T == sum(seqlens)``.
+        seqlens: length of each packed sequence, in order.
+        scale: multiplier of ``q k^T``.
+        backend: ``"xformers"``: one ``memory_efficient_attention`` call with a
+            ``BlockDiagonalMask`` (the fast path). ``"sdpa"`` / ``"math"``: one call per sequence
+            (the reference for the packed layout, used to test it without CUDA; not a fast path).
+        dropout_p: attention dropout probability (0 in eval).
+
+    Returns:
+        ``[1, T, H, Dh]``, each token attending only to the tokens of its own sequence.
+
+    Raises:
+        ValueError: bad shapes, ``seqlens`` that do not add up to ``T``, unknown backend.
+    """
+    if q.dim() != 4 or q.shape[0] != 1 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"packed_attention expects q, k, v of one shape [1, T, H, Dh], got {tuple(q.shape)}, "
+            f"{tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    lens = _validate_seqlens(seqlens, q.shape[1])
+    if backend == "xformers":
+        xops, reason = _xformers_import()
+        if xops is None:
+            raise ValueError(f"packed attention with backend 'xformers' needs xformers but {reason}")
+        if q.device.type != "cuda":
+            raise ValueError(f"packed attention with backend 'xformers' needs CUDA tensors, got {q.device.type}")
+        mask = _block_diagonal_mask(tuple(lens))
+        return xops.memory_efficient_attention(q, k, v, attn_bias=mask, p=dropout_p, scale=scale)
+    if backend not in ("sdpa", "math"):
+        raise ValueError(f"packed attention backend must be 'xformers', 'sdpa' or 'math', got {backend!r}")
+    outs = []
+    for qs, ks, vs in zip(q.split(lens, 1), k.split(lens, 1), v.split(lens, 1)):
+        # [1, n, H, Dh] -> [1, H, n, Dh]
+        qs, ks, vs = (t.transpose(1, 2) for t in (qs, ks, vs))
+        if backend == "sdpa":
+            o = F.scaled_dot_product_attention(qs, ks, vs, dropout_p=dropout_p, scale=scale)
+        else:
+            o, _ = math_attention(qs, ks, vs, scale, dropout_p)
+        outs.append(o.transpose(1, 2))
+    return torch.cat(outs, dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with the official DINO parameters (``qkv``, ``proj``).
+
+    Args:
+        dim: channels C; must be divisible by ``num_heads``.
+        num_heads: H.
+        qkv_bias: bias in the ``qkv`` projection (True for the DINO ViTs).
+        qk_scale: override of the ``Dh ** -0.5`` scale (official argument).
+        attn_drop: dropout on the attention weights.
+        proj_drop: dropout after the output projection.
+        attn_backend: one of :data:`ATTN_BACKENDS`, resolved per call against the input device.
+
+    State dict: ``qkv.weight [3C, C]``, ``qkv.bias [3C]``, ``proj.weight [C, C]``, ``proj.bias [C]``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_scale: float | None = None,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        attn_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f"dim must be divisible by num_heads, got dim={dim}, num_heads={num_heads}")
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = qk_scale or head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.attn_backend = check_attn_backend(attn_backend)
+        self._auto_log: dict[str, str] = {}
+
+    def resolve_backend(self, device: torch.device) -> str:
+        """Concrete backend for inputs on ``device`` (see :func:`resolve_attn_backend`)."""
+        return resolve_attn_backend(self.attn_backend, device, log_state=self._auto_log)
+
+    def forward(
+        self, x: torch.Tensor, *, backend: str | None = None, return_attention: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Self-attention over ``x [B, N, C]`` (float) -> ``[B, N, C]``.
+
+        Args:
+            x: tokens.
+            backend: a resolved backend (``"xformers"``, ``"sdpa"`` or ``"math"``) chosen by the
+                caller; ``None`` resolves this module's ``attn_backend`` against ``x.device``.
+            return_attention: also return the softmax weights ``[B, H, N, N]`` (forces ``math``).
+        """
+        if x.dim() != 3:
+            raise ValueError(f"Attention expects x of shape [B, N, C], got {tuple(x.shape)}")
+        B, N, C = x.shape
+        H = self.num_heads
+        if backend is None:
+            backend = "math" if return_attention else self.resolve_backend(x.device)
+        if return_attention:
+            backend = "math"
+        p = self.attn_drop.p if self.training else 0.0
+        qkv = self.qkv(x).reshape(B, N, 3, H, C // H)  # [B, N, 3, H, Dh]
+        if backend == "xformers":
+            xops, _ = _xformers_import()
+            q, k, v = qkv.unbind(2)  # [B, N, H, Dh] each
+            out = xops.memory_efficient_attention(q, k, v, p=p, scale=self.scale).reshape(B, N, C)
+            attn = None
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, Dh] each
+            if backend == "sdpa":
+                out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, scale=self.scale)
+                attn = None
+            elif backend == "math":
+                out, attn = math_attention(q, k, v, self.scale, p)
+            else:
+                raise ValueError(f"backend must be 'xformers', 'sdpa' or 'math', got {backend!r}")
+            out = out.transpose(1, 2).reshape(B, N, C)
+        out = self.proj_drop(self.proj(out))
+        if return_attention:
+            return out, attn
+        return out
+
+    def forward_packed(self, x: torch.Tensor, seqlens: Sequence[int], *, backend: str) -> torch.Tensor:
+        """Self-attention over sequences packed along tokens: ``x [1, T, C]`` -> ``[1, T, C]``.
+
+        ``backend="xformers"`` runs one block-diagonal call; ``"sdpa"``/``"math"`` loop over the
+        sequences (reference). See :func:`packed_attention`.
+        """
+        if x.dim() != 3 or x.shape[0] != 1:
+            raise ValueError(f"forward_packed expects x of shape [1, T, C], got {tuple(x.shape)}")
+        _, T, C = x.shape
+        H = self.num_heads
+        p = self.attn_drop.p if self.training else 0.0
+        q, k, v = self.qkv(x).reshape(1, T, 3, H, C // H).unbind(2)  # [1, T, H, Dh] each
+        out = packed_attention(q, k, v, seqlens, self.scale, backend, p).reshape(1, T, C)
+        return self.proj_drop(self.proj(out))
