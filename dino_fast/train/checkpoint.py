@@ -1,0 +1,123 @@
+"""Atomic checkpoints: write to a temporary file, fsync, rename, fsync the folder.
+
+A kill at any moment leaves either the previous checkpoint or the new one, never a torn file;
+a full disk during the write raises and leaves the previous checkpoint intact.
+"""
+from __future__ import annotations
+
+import io
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+CHECKPOINT_NAME = "checkpoint.pth"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: truncated, corrupt, or from another configuration."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - e.g. platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """Serialise ``obj`` with ``torch.save`` to ``path`` atomically.
+
+    The bytes are written to a temporary file in the same folder, flushed and fsynced, then
+    renamed over ``path`` (atomic on POSIX) and the folder is fsynced. On any error (a full disk
+    included) the temporary file is removed and the previous ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by :func:`atomic_save`, with a clear error when it is unusable.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: the file is truncated/corrupt or is not a dino-fast checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated zip, pickle error, ...
+        raise CheckpointError(
+            f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read, it is truncated or corrupt: "
+            f"{type(e).__name__}: {e}"
+        ) from e
+    if not isinstance(ckpt, dict) or "student" not in ckpt:
+        raise CheckpointError(f"{path} is not a dino-fast training checkpoint (no 'student' entry)")
+    return ckpt
+
+
+def find_latest(output_dir: str | Path) -> Optional[Path]:
+    """The checkpoint to resume from in ``output_dir`` (``checkpoint.pth``), or None."""
+    p = Path(output_dir) / CHECKPOINT_NAME
+    return p if p.is_file() else None
+
+
+def numbered_name(epoch: int) -> str:
+    """File name of the numbered copy kept every ``saveckp_freq`` epochs."""
+    return f"checkpoint{epoch:04d}.pth"
+
+
+def list_numbered(output_dir: str | Path) -> list[Path]:
+    """Numbered checkpoints in ``output_dir``, oldest first."""
+    pat = re.compile(r"checkpoint(\d{4,})\.pth$")
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint*.pth")
+             if (m := pat.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def check_state_dict_compatible(model: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """Raise :class:`CheckpointError` naming the first mismatched key/shape between a model and a
+    state dict (a checkpoint from another architecture)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{what} in the checkpoint does not match this model: "
+            f"{len(missing)} missing keys (first: {missing[:3]}), {len(unexpected)} unexpected "
+            f"(first: {unexpected[:3]}); was it written with another model.arch / patch_size / out_dim?"
+        )
+    for k, v in own.items():
+        if tuple(state[k].shape) != tuple(v.shape):
+            raise CheckpointError(
+                f"{what} key {k!r}: checkpoint has shape {tuple(state[k].shape)}, the model expects "
+                f"{tuple(v.shape)}; was it written with another architecture?"
+            )

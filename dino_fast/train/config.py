@@ -1,0 +1,314 @@
+"""Typed training configuration: YAML files plus ``key=value`` dot-list overrides.
+
+A config is a tree of dataclasses (:class:`TrainConfig` at the root). Loading checks every key:
+an unknown or mistyped key is an error that lists the valid keys of its section; a value of the
+wrong type is an error naming the key, the expected type and what came.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that does not match the schema."""
+
+
+@dataclass
+class ModelConfig:
+    """Student/teacher architecture (the teacher gets drop_path_rate 0)."""
+
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base
+    patch_size: int = 16
+    depth: Optional[int] = None  # None: the architecture's own depth (12)
+    drop_path_rate: float = 0.1
+    attn_backend: str = "auto"  # auto | xformers | sdpa | math
+    fused_multicrop_attention: bool = False  # CUDA + xformers: one attention call over all crops
+    out_dim: int = 65536
+    use_bn_in_head: bool = False
+    norm_last_layer: bool = True
+    head_hidden_dim: int = 2048
+    head_bottleneck_dim: int = 256
+    compile: bool = False  # torch.compile the transformer blocks
+
+
+@dataclass
+class DataConfig:
+    """Multi-crop data; ``root`` empty means the built-in dataset (generated on demand)."""
+
+    root: str = ""
+    val_root: str = ""  # k-NN evaluation; empty: <built-in>/val, or no evaluation for a custom root
+    builtin_dir: str = "data_cache/builtin"
+    backend: str = "auto"  # auto | ffcv | folder
+    global_crops_number: int = 2
+    global_crops_size: int = 224
+    global_crops_scale: tuple[float, float] = (0.4, 1.0)
+    local_crops_number: int = 8
+    local_crops_size: int = 96
+    local_crops_scale: tuple[float, float] = (0.05, 0.4)
+    batch_size_per_gpu: int = 64
+    num_workers: int = 8
+    augment_on_device: bool = True  # run MultiCropAugment on the training device
+
+
+@dataclass
+class LossConfig:
+    """DINO loss (official defaults)."""
+
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.04
+    warmup_teacher_temp_epochs: int = 0
+    student_temp: float = 0.1
+    center_momentum: float = 0.9
+    backend: str = "auto"  # auto | triton | torch | reference
+    async_center: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with the official schedules."""
+
+    lr: float = 0.0005  # at a global batch of 256; scaled linearly with the global batch
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # 0 disables clipping
+    clip_mode: str = "per_param"  # per_param (official) | global
+    freeze_last_layer: int = 1  # epochs during which the head's last layer gets no gradient
+    momentum_teacher: float = 0.996
+    ema_backend: str = "auto"
+
+
+@dataclass
+class TrainSection:
+    """Loop, precision, checkpoints, logging."""
+
+    epochs: int = 100
+    seed: int = 0
+    output_dir: str = "runs/default"
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    resume: str = "auto"  # auto | none | PATH
+    saveckp_freq: int = 20  # keep a numbered copy every N epochs (the latest is always kept)
+    checkpoint_every_iters: int = 0  # also checkpoint every N iterations (0: epoch ends only)
+    max_iters: int = 0  # stop after this many iterations in total (0: run all epochs)
+    log_every: int = 10
+    check_finite: bool = True
+    progress: bool = True
+    tensorboard: bool = False
+    threads: int = 0  # torch CPU threads (0: torch's default)
+    dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class EvalConfig:
+    """k-NN evaluation at the end of training."""
+
+    knn_after_training: bool = True
+    knn_k: tuple[int, ...] = (10, 20, 100, 200)
+    knn_temperature: float = 0.07
+    image_size: int = 224
+    resize_size: int = 256
+    batch_size: int = 128
+    compare_random_init: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """The whole configuration of a ``dino-fast train`` run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (tuples as lists), YAML/JSON serialisable."""
+        return _to_plain(dataclasses.asdict(self))
+
+    def validate(self) -> None:
+        """Check value ranges and choices; raises :class:`ConfigError` naming the key."""
+        _choice("model.arch", self.model.arch, ("vit_tiny", "vit_small", "vit_base"))
+        _choice("model.attn_backend", self.model.attn_backend, ("auto", "xformers", "sdpa", "math"))
+        _choice("data.backend", self.data.backend, ("auto", "ffcv", "folder"))
+        _choice("loss.backend", self.loss.backend, ("auto", "triton", "torch", "cpu", "reference"))
+        _choice("optim.ema_backend", self.optim.ema_backend, ("auto", "triton", "torch", "cpu", "reference"))
+        _choice("optim.clip_mode", self.optim.clip_mode, ("per_param", "global"))
+        _choice("train.precision", self.train.precision, ("auto", "bf16", "fp16", "fp32"))
+        _choice("train.dist_backend", self.train.dist_backend, ("auto", "nccl", "gloo"))
+        for key, val in [
+            ("model.patch_size", self.model.patch_size), ("model.out_dim", self.model.out_dim),
+            ("data.global_crops_number", self.data.global_crops_number),
+            ("data.global_crops_size", self.data.global_crops_size),
+            ("data.local_crops_size", self.data.local_crops_size),
+            ("data.batch_size_per_gpu", self.data.batch_size_per_gpu), ("train.epochs", self.train.epochs),
+            ("loss.student_temp", self.loss.student_temp), ("loss.teacher_temp", self.loss.teacher_temp),
+            ("loss.warmup_teacher_temp", self.loss.warmup_teacher_temp), ("optim.lr", self.optim.lr),
+        ]:
+            if not val > 0:
+                raise ConfigError(f"{key} must be > 0, got {val!r}")
+        if self.data.local_crops_number < 0:
+            raise ConfigError(f"data.local_crops_number must be >= 0, got {self.data.local_crops_number}")
+        if self.data.global_crops_number != 2:
+            raise ConfigError(
+                f"data.global_crops_number must be 2 (the DINO loss pairs two teacher crops), "
+                f"got {self.data.global_crops_number}"
+            )
+        for key, scale in [("data.global_crops_scale", self.data.global_crops_scale),
+                           ("data.local_crops_scale", self.data.local_crops_scale)]:
+            if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+                raise ConfigError(f"{key} must be (lo, hi) with 0 < lo <= hi <= 1, got {scale!r}")
+        for key, size in [("data.global_crops_size", self.data.global_crops_size),
+                          ("data.local_crops_size", self.data.local_crops_size)]:
+            if size % self.model.patch_size:
+                raise ConfigError(f"{key}={size} is not a multiple of model.patch_size={self.model.patch_size}")
+        if not 0 <= self.optim.momentum_teacher <= 1:
+            raise ConfigError(f"optim.momentum_teacher must be in [0, 1], got {self.optim.momentum_teacher}")
+        if not 0 <= self.loss.center_momentum <= 1:
+            raise ConfigError(f"loss.center_momentum must be in [0, 1], got {self.loss.center_momentum}")
+
+
+def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _to_plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert a YAML value to the dataclass field type ``tp``, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} expects a list, got {value!r} ({type(value).__name__})")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(key, v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key} expects {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} expects true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key} expects an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} expects a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} expects a string, got {value!r} ({type(value).__name__})")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover
+
+
+def _valid_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys += _valid_keys(tp, f"{prefix}{f.name}.")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _apply(obj: Any, data: dict[str, Any], prefix: str) -> None:
+    if not isinstance(data, dict):
+        raise ConfigError(f"section {prefix.rstrip('.') or '<root>'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            valid = [prefix + n for n in sorted(names)]
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}; valid keys here: {', '.join(valid)}")
+        tp = hints[k]
+        if dataclasses.is_dataclass(tp):
+            _apply(getattr(obj, k), v, key + ".")
+        else:
+            setattr(obj, k, _coerce(key, v, tp))
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["optim.lr=0.001", "data.root=/x"]`` into a nested dict; values parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override must look like section.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override key must look like section.key, got {key!r}")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Build a :class:`TrainConfig` from defaults, then the YAML file at ``path``, then overrides.
+
+    Raises:
+        ConfigError: unknown key (listing the valid ones), wrong type, out-of-range value.
+        FileNotFoundError: ``path`` does not exist.
+    """
+    cfg = TrainConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p} is not valid YAML: {e}") from e
+        _apply(cfg, data, "")
+    if overrides:
+        _apply(cfg, parse_overrides(overrides), "")
+    cfg.validate()
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a :class:`TrainConfig` from :meth:`TrainConfig.to_dict` output (e.g. a checkpoint)."""
+    cfg = TrainConfig()
+    _apply(cfg, data, "")
+    cfg.validate()
+    return cfg
+
+
+VALID_KEYS = _valid_keys(TrainConfig)
