@@ -1,0 +1,404 @@
+"""Teacher EMA: ``theta_t <- m * theta_t + (1 - m) * theta_s`` in one pass over one flat buffer.
+
+Design
+------
+:class:`TeacherEMA` makes every teacher parameter a view into one contiguous fp32 buffer, and
+every student parameter a view into a second buffer with the same element order. The EMA is
+then one elementwise operation over ``n`` elements whatever the number of parameter tensors:
+
+- CUDA (``backend="triton"``): one launch of ``dino_fast.kernels.ema`` (12 bytes per parameter:
+  read teacher, read student, write teacher);
+- CPU (``backend="torch"``): one ``lerp_`` over the flat buffer (same 12 bytes per parameter);
+- ``backend="reference"``: the official per-parameter loop (tests and benchmarks).
+
+Why the student is flat too (and not read through a table of pointers): a Triton kernel can
+only read many separate tensors in one launch through a table of raw addresses, which the
+Triton interpreter (how this project proves its kernels without a GPU) cannot run, and which
+needs a host-to-device copy of the table or a cache of it that goes stale exactly when it must
+not (after ``.to()`` or ``load_state_dict(assign=True)``). Making the student's parameters views
+into one buffer is invisible to the rest of training:
+
+- ``torch.optim.AdamW`` (foreach or fused) updates each parameter in place, which writes
+  through the view into the flat buffer; its state tensors are separate;
+- ``DistributedDataParallel`` holds the same ``Parameter`` objects; replacing ``.data`` with a
+  tensor of the same dtype and device keeps each parameter's gradient accumulator, so DDP's
+  gradient hooks and buckets keep working (tested with gloo at world size 1 and 2);
+- ``state_dict()`` returns views (a checkpoint holds the buffer once), ``load_state_dict()``
+  copies in place into the views.
+
+Re-binding: ``update()`` checks cheaply (object identity and data pointers of every parameter,
+no device sync) that each parameter is still the view it was bound to. When a module's
+parameters were replaced (``.to(device)``, ``load_state_dict(..., assign=True)``, assigning a new
+``nn.Parameter``, ``share_memory_`` is fine as is), that side is re-packed into a new flat
+buffer, copying the current values, before the update: the teacher is never silently detached
+from the buffer the update writes. Architectures are re-validated at every re-bind.
+
+Caveats (documented, not hidden): create :class:`TeacherEMA` before ``torch.compile`` or CUDA
+graph capture of the student (both may have recorded the old addresses); FSDP (sharded
+parameters) is not supported; ``torch.save`` of a *single* parameter saves the whole flat
+storage (a full ``state_dict`` saves it once, as before).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from dino_fast._backend import check_backend, resolve_backend
+
+__all__ = ["TeacherEMA", "ema_update_"]
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+def _check_momentum(momentum: object) -> float:
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a Python float in [0, 1], got {type(momentum).__name__}")
+    m = float(momentum)
+    if not (math.isfinite(m) and 0.0 <= m <= 1.0):
+        raise ValueError(f"momentum must be a finite number in [0, 1], got {momentum!r}")
+    return m
+
+
+def unwrap_module(module: nn.Module) -> nn.Module:
+    """Return the module inside DDP / DataParallel / ``torch.compile`` wrappers (any nesting)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(module, (DistributedDataParallel, DataParallel)):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(getattr(module, "_orig_mod"), nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def _named_state(module: nn.Module, include_buffers: bool) -> list[tuple[str, torch.Tensor]]:
+    """Parameters (deduplicated, registration order), then floating-point buffers if asked."""
+    items: list[tuple[str, torch.Tensor]] = list(module.named_parameters())
+    if include_buffers:
+        items += [(name, b) for name, b in module.named_buffers() if b is not None and b.is_floating_point()]
+    return items
+
+
+def _tensors(module: nn.Module, include_buffers: bool) -> list[torch.Tensor]:
+    """Same tensors and order as :func:`_named_state`, without building names (the per-update check)."""
+    items = list(module.parameters())
+    if include_buffers:
+        items += [b for b in module.buffers() if b is not None and b.is_floating_point()]
+    return items
+
+
+def _validate_pairs(
+    teacher: Sequence[tuple[str, torch.Tensor]],
+    student: Sequence[tuple[str, torch.Tensor]],
+    *,
+    require_fp32_teacher: bool,
+) -> None:
+    """Raise ValueError naming the first offending tensor when the two lists do not match."""
+    for i, ((tn, t), (sn, s)) in enumerate(zip(teacher, student)):
+        where = f"teacher {tn!r} / student {sn!r} (tensor #{i})"
+        for side, x in (("teacher", t), ("student", s)):
+            if not isinstance(x, torch.Tensor):
+                raise TypeError(f"{where}: {side} entry must be a torch.Tensor, got {type(x).__name__}")
+            if x.layout != torch.strided:
+                raise ValueError(f"{where}: {side} tensor must be dense (strided), got layout {x.layout}")
+        if t.shape != s.shape:
+            raise ValueError(f"shape mismatch at {where}: teacher {tuple(t.shape)} vs student {tuple(s.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{where}: tensors must be floating point, got {t.dtype}")
+        if require_fp32_teacher and t.dtype != torch.float32:
+            raise ValueError(f"{where}: the teacher must stay float32 (with momentum near 1 the update falls under "
+                             f"bf16/fp16 resolution), got {t.dtype}")
+        if t.dtype != s.dtype:
+            raise ValueError(f"dtype mismatch at {where}: teacher {t.dtype} vs student {s.dtype}")
+        if t.device != s.device:
+            raise ValueError(f"device mismatch at {where}: teacher {t.device} vs student {s.device}")
+        if t is s or (t.numel() > 0 and t.data_ptr() == s.data_ptr()):
+            raise ValueError(f"{where}: teacher and student share the same memory; the teacher must be a copy")
+    if len(teacher) != len(student):
+        k = min(len(teacher), len(student))
+        extra = teacher[k][0] if len(teacher) > k else student[k][0]
+        side = "teacher" if len(teacher) > k else "student"
+        raise ValueError(f"parameter count mismatch: teacher has {len(teacher)} tensors, student has {len(student)}; "
+                         f"first unmatched: {side} {extra!r} (tensor #{k})")
+
+
+def _packed_flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """A 1-D view covering ``tensors`` if they are contiguous, adjacent, in order, in one storage."""
+    if not tensors:
+        return None
+    first = tensors[0]
+    ptr = first.untyped_storage().data_ptr()
+    expect = first.storage_offset()
+    for t in tensors:
+        if not t.is_contiguous() or t.storage_offset() != expect or t.untyped_storage().data_ptr() != ptr:
+            return None
+        expect += t.numel()
+    total = expect - first.storage_offset()
+    return first.detach().as_strided((total,), (1,), first.storage_offset())
+
+
+def _flat_update_(t_flat: torch.Tensor, s_flat: torch.Tensor, m: float, backend: str) -> None:
+    if backend == "triton":
+        from dino_fast.kernels.ema import ema_flat_
+
+        ema_flat_(t_flat, s_flat, m)
+    else:
+        t_flat.lerp_(s_flat, 1.0 - m)
+
+
+def _reference_update_(teacher: Sequence[torch.Tensor], student: Sequence[torch.Tensor], m: float) -> None:
+    from dino_fast.reference.ema import reference_ema_update_
+
+    reference_ema_update_(teacher, student, m)
+
+
+# --------------------------------------------------------------------------------------------
+# functional API
+# --------------------------------------------------------------------------------------------
+
+def ema_update_(
+    teacher_params: Iterable[torch.Tensor],
+    student_params: Iterable[torch.Tensor],
+    momentum: float,
+    *,
+    backend: str = "auto",
+) -> None:
+    """In place ``t <- momentum * t + (1 - momentum) * s`` for every pair of tensors.
+
+    Args:
+        teacher_params: floating-point tensors (any shapes), updated in place.
+        student_params: tensors of the same shapes, dtypes and device, in the same order.
+        momentum: Python float in [0, 1] (1 keeps the teacher, 0 copies the student).
+        backend: ``"auto"``, ``"triton"``, ``"torch"``/``"cpu"`` or ``"reference"``.
+            ``"torch"`` runs one ``torch._foreach_lerp_`` over all tensors (or one ``lerp_`` when
+            both lists are already packed into one buffer each). ``"triton"`` needs both lists
+            packed as adjacent contiguous views into one buffer each (as :class:`TeacherEMA`
+            does) and float32; it is then one kernel launch. ``"auto"`` uses Triton on CUDA when
+            the lists are packed and fp32, and the torch path otherwise.
+
+    Raises:
+        TypeError / ValueError: on mismatched lists (naming the first offending tensor), a bad
+            momentum, or ``backend="triton"`` on tensors that are not packed.
+    """
+    t_list = list(teacher_params)
+    s_list = list(student_params)
+    m = _check_momentum(momentum)
+    requested = check_backend(backend)
+    _validate_pairs([(f"[{i}]", t) for i, t in enumerate(t_list)], [(f"[{i}]", s) for i, s in enumerate(s_list)],
+                    require_fp32_teacher=False)
+    if not t_list:
+        return
+    backend = resolve_backend(requested, t_list[0].device)
+    with torch.no_grad():
+        if backend == "reference":
+            _reference_update_(t_list, s_list, m)
+            return
+        t_flat, s_flat = _packed_flat(t_list), _packed_flat(s_list)
+        packed = t_flat is not None and s_flat is not None
+        if backend == "triton":
+            fp32 = t_list[0].dtype == torch.float32
+            if packed and fp32:
+                _flat_update_(t_flat, s_flat, m, "triton")
+                return
+            if requested == "triton":
+                raise ValueError(
+                    "backend='triton' needs float32 tensors packed as adjacent contiguous views into one buffer per "
+                    f"list (as TeacherEMA packs them); got packed={packed}, dtype={t_list[0].dtype}. "
+                    "Use TeacherEMA, or backend='torch'")
+            backend = "torch"
+        if packed:
+            t_flat.lerp_(s_flat, 1.0 - m)
+        else:
+            torch._foreach_lerp_([t.detach() for t in t_list], [s.detach() for s in s_list], 1.0 - m)
+
+
+# --------------------------------------------------------------------------------------------
+# module API
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class _Side:
+    """One module's tensors packed into ``flat``; ``rel`` are their byte offsets from its start."""
+
+    module: nn.Module
+    names: list[str]
+    tensors: list[torch.Tensor]
+    flat: torch.Tensor
+    rel: list[int]
+
+
+def _pack(module: nn.Module, items: list[tuple[str, torch.Tensor]]) -> _Side:
+    """Make every tensor of ``items`` a view into one new contiguous buffer (values preserved)."""
+    tensors = [t for _, t in items]
+    names = [n for n, _ in items]
+    flat = _packed_flat(tensors)
+    if flat is None:
+        dtype, device = tensors[0].dtype, tensors[0].device
+        total = sum(t.numel() for t in tensors)
+        flat = torch.empty(total, dtype=dtype, device=device)
+        offset = 0
+        views = []
+        with torch.no_grad():
+            for t in tensors:
+                n = t.numel()
+                v = flat[offset:offset + n].view(t.shape)
+                v.copy_(t.detach())
+                views.append(v)
+                offset += n
+        for t, v in zip(tensors, views):
+            # Same dtype and device: set_data keeps the tensor object, its autograd leaf state
+            # and gradient accumulator (DDP hooks, optimizer references stay valid).
+            t.data = v
+    base = flat.data_ptr()
+    rel = [t.data_ptr() - base for t in tensors]
+    return _Side(module=module, names=names, tensors=tensors, flat=flat, rel=rel)
+
+
+def _single_device_dtype(side: str, items: list[tuple[str, torch.Tensor]]) -> None:
+    dev, dt = items[0][1].device, items[0][1].dtype
+    for name, t in items:
+        if t.device != dev:
+            raise ValueError(f"{side} tensors must all be on one device: {items[0][0]!r} is on {dev}, "
+                             f"{name!r} is on {t.device}")
+        if t.dtype != dt:
+            raise ValueError(f"{side} tensors must all have one dtype: {items[0][0]!r} is {dt}, {name!r} is {t.dtype}")
+
+
+class TeacherEMA:
+    """Exponential moving average of a student's parameters into a teacher, one pass per update.
+
+    Args:
+        teacher: the teacher module (float32 parameters; same architecture as the student).
+        student: the student module, or a ``DistributedDataParallel`` / ``DataParallel`` /
+            ``torch.compile`` wrapper around it (unwrapped automatically).
+        backend: ``"auto"`` (Triton on CUDA, one ``lerp_`` on CPU), ``"triton"``,
+            ``"torch"``/``"cpu"``, ``"reference"`` (official per-parameter loop).
+        include_buffers: also average floating-point buffers (e.g. BatchNorm running stats);
+            the official DINO averages parameters only (the default).
+
+    After construction every teacher tensor is a view into :attr:`teacher_buffer`
+    (float32, shape ``(numel,)``) and every student tensor a view into
+    :attr:`student_buffer`, in ``named_parameters()`` order (then floating buffers).
+
+    Raises:
+        ValueError: when the architectures differ (count, shape, dtype, device), naming the first
+            offending tensor; when the teacher is not float32; when a module's tensors span
+            several devices or dtypes; when teacher and student share memory.
+        TypeError: when ``teacher`` / ``student`` are not ``nn.Module``.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        *,
+        backend: str = "auto",
+        include_buffers: bool = False,
+    ) -> None:
+        for name, mod in (("teacher", teacher), ("student", student)):
+            if not isinstance(mod, nn.Module):
+                raise TypeError(f"{name} must be a torch.nn.Module, got {type(mod).__name__}")
+        if not isinstance(include_buffers, bool):
+            raise TypeError(f"include_buffers must be a bool, got {type(include_buffers).__name__}")
+        self.backend = check_backend(backend)
+        self.include_buffers = include_buffers
+        self.teacher = unwrap_module(teacher)
+        self.student = unwrap_module(student)
+        if self.teacher is self.student:
+            raise ValueError("teacher and student are the same module; the teacher must be a separate copy")
+        self.rebind_count = 0
+        self._t: _Side
+        self._s: _Side
+        self._bind(force=True)
+        self.rebind_count = 0
+        resolve_backend(self.backend, self._t.flat.device)  # fail now, not at the first update
+
+    # -- binding -------------------------------------------------------------------------------
+
+    def _bind(self, force: bool = False) -> None:
+        t_items = _named_state(self.teacher, self.include_buffers)
+        s_items = _named_state(self.student, self.include_buffers)
+        if not t_items and not s_items:
+            raise ValueError("teacher and student have no parameters to average")
+        _validate_pairs(t_items, s_items, require_fp32_teacher=True)
+        _single_device_dtype("teacher", t_items)
+        _single_device_dtype("student", s_items)
+        if force or not self._side_ok(self._t, [t for _, t in t_items]):
+            self._t = _pack(self.teacher, t_items)
+        if force or not self._side_ok(self._s, [t for _, t in s_items]):
+            self._s = _pack(self.student, s_items)
+        t_flat, s_flat = self._t.flat, self._s.flat
+        if t_flat.untyped_storage().data_ptr() == s_flat.untyped_storage().data_ptr():
+            t0, s0 = t_flat.storage_offset(), s_flat.storage_offset()
+            if t0 < s0 + s_flat.numel() and s0 < t0 + t_flat.numel():
+                raise ValueError("teacher and student tensors overlap in memory; the teacher must be a separate copy")
+        self.rebind_count += 1
+
+    @staticmethod
+    def _side_ok(side: _Side, tensors: list[torch.Tensor]) -> bool:
+        """True when ``tensors`` are the bound objects and still the views at their offsets."""
+        if len(tensors) != len(side.tensors):
+            return False
+        if any(a is not b for a, b in zip(tensors, side.tensors)):
+            return False
+        base = side.flat.data_ptr()
+        return [t.data_ptr() - base for t in tensors] == side.rel
+
+    def _ensure_bound(self) -> None:
+        """Re-pack a side whose tensors are no longer the views they were bound to."""
+        if (self._side_ok(self._t, _tensors(self.teacher, self.include_buffers))
+                and self._side_ok(self._s, _tensors(self.student, self.include_buffers))):
+            return
+        self._bind()
+
+    # -- public --------------------------------------------------------------------------------
+
+    @property
+    def teacher_buffer(self) -> torch.Tensor:
+        """The teacher's flat float32 buffer, shape ``(numel,)`` (every teacher tensor is a view)."""
+        return self._t.flat
+
+    @property
+    def student_buffer(self) -> torch.Tensor:
+        """The student's flat buffer, shape ``(numel,)``, same dtype and device as the teacher's."""
+        return self._s.flat
+
+    @property
+    def numel(self) -> int:
+        """Number of averaged elements."""
+        return self._t.flat.numel()
+
+    @property
+    def num_tensors(self) -> int:
+        """Number of averaged tensors (parameters, plus floating buffers when included)."""
+        return len(self._t.tensors)
+
+    def update(self, momentum: float) -> None:
+        """``theta_t <- momentum * theta_t + (1 - momentum) * theta_s`` for every averaged tensor.
+
+        Args:
+            momentum: Python float in [0, 1] (``momentum_schedule(...)[iteration]``).
+
+        One Triton launch (CUDA), one ``lerp_`` (CPU) or the per-parameter loop
+        (``backend="reference"``). Checks first, without a device sync, that both modules' tensors
+        are still views into the flat buffers, and re-packs a side whose tensors were replaced.
+        """
+        m = _check_momentum(momentum)
+        self._ensure_bound()
+        backend = resolve_backend(self.backend, self._t.flat.device)
+        with torch.no_grad():
+            if backend == "reference":
+                _reference_update_(self._t.tensors, self._s.tensors, m)
+            else:
+                _flat_update_(self._t.flat, self._s.flat, m, backend)
+
+    def __repr__(self) -> str:
+        return (f"TeacherEMA(tensors={self.num_tensors}, numel={self.numel}, dtype={self._t.flat.dtype}, "
+                f"device={self._t.flat.device}, backend={self.backend!r}, include_buffers={self.include_buffers})")
