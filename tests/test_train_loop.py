@@ -1,0 +1,86 @@
+"""End-to-end CPU training: finite losses, checkpoints, exact resume, non-finite stop, CLI."""
+import math
+
+import pytest
+import torch
+
+from dino_fast.train import checkpoint as ck
+from dino_fast.train.loop import NonFiniteLossError, Trainer, main
+from tests._train_utils import make_image_folder, read_losses, tiny_config
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("imgs"))
+
+
+def _weights(path):
+    st = ck.load_checkpoint(path)
+    return st["teacher"], st["student"], st
+
+
+@pytest.mark.slow
+def test_twenty_iterations_and_exact_resume(data_root, tmp_path):
+    full = tmp_path / "full"
+    s = Trainer(tiny_config(data_root, full, "train.max_iters=20")).fit()
+    assert s["iterations"] == 20
+    losses = read_losses(full)
+    assert sorted(losses) == list(range(20)) and all(math.isfinite(v) for v in losses.values())
+    assert (full / "checkpoint.pth").is_file() and (full / "teacher_backbone.pth").is_file()
+
+    part = tmp_path / "part"
+    Trainer(tiny_config(data_root, part, "train.max_iters=10")).fit()
+    assert ck.load_checkpoint(part / "checkpoint.pth")["iteration"] == 10
+    s2 = Trainer(tiny_config(data_root, part, "train.max_iters=20")).fit()
+    assert s2["iterations"] == 20 and s2["iterations_run"] == 10
+    resumed = read_losses(part)
+    assert [resumed[i] for i in range(20)] == [losses[i] for i in range(20)]
+    t_full, s_full, ck_full = _weights(full / "checkpoint.pth")
+    t_part, s_part, ck_part = _weights(part / "checkpoint.pth")
+    for k in t_full:
+        assert torch.equal(t_full[k], t_part[k]), k
+    for k in s_full:
+        assert torch.equal(s_full[k], s_part[k]), k
+    assert torch.equal(ck_full["dino_loss"]["center"], ck_part["dino_loss"]["center"])
+
+
+def test_last_layer_frozen_in_first_epoch_and_teacher_follows(data_root, tmp_path):
+    tr = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=3"))
+    w0 = tr.student.head.last_layer.weight_v.detach().clone() if hasattr(tr.student.head.last_layer, "weight_v") else None
+    before_t = [p.detach().clone() for p in tr.teacher.parameters()]
+    tr.fit()
+    if w0 is not None:
+        assert torch.equal(w0, tr.student.head.last_layer.weight_v.detach())
+    moved = [not torch.equal(a, b) for a, b in zip(before_t, tr.teacher.parameters())]
+    assert any(moved)
+    assert all(not p.requires_grad for p in tr.teacher.parameters())
+
+
+def test_non_finite_loss_stops_at_that_iteration(data_root, tmp_path, monkeypatch):
+    tr = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=12", "train.checkpoint_every_iters=2",
+                             "train.check_finite=false"))
+    orig = tr.student.forward
+    calls = {"n": 0}
+
+    def poisoned(x):
+        out = orig(x)
+        calls["n"] += 1
+        if calls["n"] == 6:  # iteration 5
+            out = out.clone()
+            out[3, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(tr.student, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError, match="iteration 5"):
+        tr.fit()
+    st = ck.load_checkpoint(tmp_path / "checkpoint.pth")
+    assert st["iteration"] == 4  # the last good checkpoint is kept
+    for v in st["student"].values():
+        assert torch.isfinite(v.float()).all()
+
+
+def test_cli_bad_key_and_missing_data(tmp_path, capsys):
+    assert main(["optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
+    code = main([f"data.root={tmp_path / 'nope'}", f"train.output_dir={tmp_path / 'o'}", "train.progress=false"])
+    assert code == 2
