@@ -1,0 +1,664 @@
+"""The DINO loss: a drop-in ``DINOLoss``, a functional ``dino_loss`` and the center update.
+
+Math (DESIGN.md sections 1-2). S: student logits (ncrops*B, K), crop-major; T: teacher logits
+(n_teacher*B, K); c: center (1, K); tau_s, tau_t: temperatures.
+
+    q_i  = softmax((T_i - c) / tau_t)                              (no gradient)
+    loss = 1/(B*n_terms) * sum_v sum_b ( |Q_v| lse_vb - <Q_vb, S_vb / tau_s> )
+    Q_v  = sum_{i != v} q_i,   |Q_v| = n_teacher - [v < n_teacher],   lse = logsumexp(S / tau_s)
+    n_terms = n_teacher * ncrops - n_teacher
+    dL/dS_v = ( |Q_v| softmax(S_v / tau_s) - Q_v ) / (tau_s * B * n_terms)
+
+which equals the official loop over (teacher i, student v != i) pairs of cross-entropies.
+
+Backends (``backend=``): ``"triton"`` (kernels/dino_loss.py), ``"torch"``/``"cpu"`` (the eager
+fast path below), ``"reference"`` (dino_fast/reference/loss.py, op by op), ``"auto"`` (Triton
+on CUDA tensors, the eager fast path otherwise; see :func:`dino_fast._backend.resolve_backend`).
+
+The eager fast path works on column chunks of all rows at once (about 256 KiB of fp32 per
+chunk buffer, preallocated once per call): per chunk it computes, for every row, the chunk's
+max and sum-exp (online-softmax partials), the column sum of T for the center update, and the
+dot products <e_i, S_v / tau_s> of the chunk's unnormalised teacher probabilities with every
+student crop of the same image; a tiny combine step turns the partials into lse, teacher
+normalisers and the loss. The backward recomputes the softmaxes chunk by chunk from the saved
+per-row lse / teacher max / teacher sum (3 floats per row) and writes the gradient once. No
+(rows, K) temporary exists other than the gradient itself.
+
+Both fast backends are registered as ``torch.library`` custom ops (``dino_fast::dino_loss_fwd``
+and ``dino_fast::dino_loss_bwd``) with an autograd formula and fake (meta) implementations,
+so ``torch.compile(fullgraph=True)`` traces through a function that calls :class:`DINOLoss`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dino_fast._backend import check_backend, resolve_backend
+
+__all__ = ["DINOLoss", "dino_loss", "dino_loss_with_colsum", "update_center", "NonFiniteError"]
+
+TensorOrCrops = Union[Tensor, Sequence[Tensor]]
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Elements of one fp32 chunk buffer in the eager fast path (256 KiB): measured best among
+# 32K..512K elements on the 2-core benchmark machine (see bench/loss.py --chunks).
+CPU_CHUNK_ELEMS = 65536
+
+
+class NonFiniteError(ValueError):
+    """An input of the loss holds NaN or inf (raised only with ``check_finite=True``)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Input handling
+# --------------------------------------------------------------------------------------------
+def _as_2d(x: TensorOrCrops, name: str) -> Tensor:
+    """A (rows, K) tensor from a tensor or a list/tuple of per-crop (B, K) tensors (concatenated)."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, (list, tuple)):
+        if len(x) == 0:
+            raise ValueError(f"{name}: expected a tensor or a non-empty list of per-crop tensors, got an empty {type(x).__name__}")
+        for i, t in enumerate(x):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 2:
+                raise ValueError(f"{name}[{i}]: expected a 2-D (B, K) crop, got shape {tuple(t.shape)}")
+        shapes = {tuple(t.shape) for t in x}
+        if len(shapes) != 1:
+            raise ValueError(f"{name}: every crop must have the same (B, K) shape, got {sorted(shapes)}")
+        return torch.cat(list(x), dim=0)
+    raise TypeError(f"{name}: expected a torch.Tensor or a list of per-crop tensors, got {type(x).__name__}")
+
+
+def _check_temp(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+    return value
+
+
+def _check_int(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_inputs(
+    student: Tensor, teacher: Tensor, center: Tensor, ncrops: int, n_teacher: int,
+    student_temp: float, teacher_temp: float,
+) -> tuple[int, int, float, float]:
+    """Validate the loss inputs; return (B, K, tau_s, tau_t). Raises TypeError / ValueError."""
+    ncrops = _check_int("ncrops", ncrops, 2)
+    n_teacher = _check_int("n_teacher", n_teacher, 1)
+    if n_teacher > ncrops:
+        raise ValueError(f"n_teacher must be <= ncrops (the teacher crops are the first student crops), "
+                         f"got n_teacher={n_teacher}, ncrops={ncrops}")
+    tau_s = _check_temp("student_temp", student_temp)
+    tau_t = _check_temp("teacher_temp", teacher_temp)
+    for name, t in (("student", student), ("teacher", teacher), ("center", center)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a float32/bfloat16/float16/float64 tensor, got dtype {t.dtype}")
+    if student.dim() != 2:
+        raise ValueError(f"student: expected a 2-D (ncrops*B, K) tensor, got shape {tuple(student.shape)}")
+    if teacher.dim() != 2:
+        raise ValueError(f"teacher: expected a 2-D (n_teacher*B, K) tensor, got shape {tuple(teacher.shape)}")
+    rows, K = student.shape
+    if K == 0 or rows == 0:
+        raise ValueError(f"student: expected a non-empty (ncrops*B, K) tensor, got shape {tuple(student.shape)}")
+    if rows % ncrops != 0:
+        raise ValueError(f"student: rows ({rows}) must be divisible by ncrops ({ncrops}), got shape {tuple(student.shape)}")
+    B = rows // ncrops
+    if teacher.shape[0] != n_teacher * B:
+        raise ValueError(f"teacher: expected n_teacher*B = {n_teacher}*{B} = {n_teacher * B} rows "
+                         f"(B = {rows}/{ncrops} from student), got shape {tuple(teacher.shape)}")
+    if teacher.shape[1] != K:
+        raise ValueError(f"teacher: expected K = {K} columns (as student), got shape {tuple(teacher.shape)}")
+    if center.numel() != K or center.dim() not in (1, 2) or (center.dim() == 2 and center.shape[0] != 1):
+        raise ValueError(f"center: expected shape (1, {K}) or ({K},), got {tuple(center.shape)}")
+    if not (student.device == teacher.device == center.device):
+        raise ValueError(f"student, teacher and center must be on one device, got {student.device}, "
+                         f"{teacher.device}, {center.device}")
+    return B, K, tau_s, tau_t
+
+
+def _check_finite(x: TensorOrCrops, name: str, rows_per_crop: int) -> None:
+    """Raise NonFiniteError naming the crop and row of the first NaN/inf in ``x``."""
+    crops = list(x) if isinstance(x, (list, tuple)) else None
+    full = _as_2d(x, name) if crops is None else None
+    tensors = crops if crops is not None else [full]
+    offset = 0
+    for t in tensors:
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            row = int(bad.any(dim=1).nonzero()[0, 0]) + offset
+            crop, image = divmod(row, rows_per_crop)
+            col = int(bad[row - offset].nonzero()[0, 0])
+            raise NonFiniteError(f"{name} has a non-finite value ({t[row - offset, col].item()}) at crop {crop}, "
+                                 f"row {image} of that crop (global row {row}, column {col})")
+        offset += t.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Combine partial statistics (shared by the eager fast path and the Triton launcher)
+# --------------------------------------------------------------------------------------------
+def _combine_partials(
+    smax: Tensor, ssum: Tensor, tmax: Tensor, tsum: Tensor, dots: Tensor, n_teacher: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Turn per-chunk partials into the loss and the per-row statistics the backward needs.
+
+    Args (all fp32 or fp64, n = number of column chunks):
+        smax, ssum: (ncrops, B, n) chunk max of S/tau_s and sum of exp(S/tau_s - chunk max).
+        tmax, tsum: (n_teacher, B, n) the same for (T - c)/tau_t.
+        dots: (ncrops, B, n_teacher, n): sum_k exp((T_i - c)/tau_t - chunk max_i) * S_v/tau_s.
+
+    Returns:
+        loss (0-dim), lse (ncrops*B,), teacher max (n_teacher*B,), teacher sum-exp (n_teacher*B,).
+    """
+    ncrops, B, _ = smax.shape
+    TM = tmax.amax(dim=-1)                                    # (NT, B)
+    w = torch.exp(tmax - TM.unsqueeze(-1))                    # (NT, B, n)
+    TZ = (tsum * w).sum(-1)                                   # (NT, B)
+    qdot = (dots * w.permute(1, 0, 2).unsqueeze(0)).sum(-1) / TZ.t().unsqueeze(0)  # (ncrops, B, NT)
+    SM = smax.amax(dim=-1)                                    # (ncrops, B)
+    lse = SM + torch.log((ssum * torch.exp(smax - SM.unsqueeze(-1))).sum(-1))
+    v = torch.arange(ncrops, device=smax.device).unsqueeze(1)
+    i = torch.arange(n_teacher, device=smax.device).unsqueeze(0)
+    pair = (v != i).to(smax.dtype)                            # (ncrops, NT): 1 where (i, v) is a term
+    nq = pair.sum(1)                                          # |Q_v|
+    n_terms = n_teacher * ncrops - n_teacher
+    loss = ((nq.unsqueeze(1) * lse).sum() - (qdot * pair.unsqueeze(1)).sum()) / (B * n_terms)
+    return loss, lse.reshape(-1), TM.reshape(-1), TZ.reshape(-1)
+
+
+# --------------------------------------------------------------------------------------------
+# Eager fast path
+# --------------------------------------------------------------------------------------------
+def _chunk_cols(rows: int, K: int) -> int:
+    """Columns per chunk: about CPU_CHUNK_ELEMS elements for the widest (rows, kc) buffer."""
+    kc = max(16, CPU_CHUNK_ELEMS // max(rows, 1))
+    kc = 1 << (kc.bit_length() - 1)  # power of two
+    return min(K, kc)
+
+
+def _math_dtype(*ts: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def _torch_forward(
+    S: Tensor, T: Tensor, c: Tensor, ncrops: int, n_teacher: int, tau_s: float, tau_t: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Eager fast-path forward. S (ncrops*B, K), T (NT*B, K), c (K,).
+
+    Returns (loss 0-dim, lse (ncrops*B,), teacher max (NT*B,), teacher sum-exp (NT*B,),
+    column sum of T (K,)), all in fp32 (fp64 for fp64 inputs).
+    """
+    rows_s, K = S.shape
+    rows_t = T.shape[0]
+    B = rows_s // ncrops
+    dt = _math_dtype(S, T)
+    kc = _chunk_cols(rows_s, K)
+    n = (K + kc - 1) // kc
+    dev = S.device
+    smax = torch.empty((n, rows_s), dtype=dt, device=dev)
+    ssum = torch.empty((n, rows_s), dtype=dt, device=dev)
+    tmax = torch.empty((n, rows_t), dtype=dt, device=dev)
+    tsum = torch.empty((n, rows_t), dtype=dt, device=dev)
+    dots = torch.empty((n, B, ncrops, n_teacher), dtype=dt, device=dev)
+    colsum = torch.empty((K,), dtype=dt, device=dev)
+    tbuf = torch.empty((rows_t, kc), dtype=dt, device=dev)
+    sbuf = torch.empty((rows_s, kc), dtype=dt, device=dev)
+    cf = c.reshape(-1).to(dt)
+    inv_s, inv_t = 1.0 / tau_s, 1.0 / tau_t
+    same_s = S.dtype == dt
+    for j in range(n):
+        k0 = j * kc
+        k1 = min(K, k0 + kc)
+        w = k1 - k0
+        x = tbuf[:, :w]
+        x.copy_(T[:, k0:k1])
+        torch.sum(x, 0, out=colsum[k0:k1])
+        x.sub_(cf[k0:k1]).mul_(inv_t)
+        torch.amax(x, 1, out=tmax[j])
+        x.sub_(tmax[j].unsqueeze(1)).exp_()
+        torch.sum(x, 1, out=tsum[j])
+        y = sbuf[:, :w]
+        if same_s:
+            torch.mul(S[:, k0:k1], inv_s, out=y)
+        else:
+            y.copy_(S[:, k0:k1]).mul_(inv_s)
+        # dots[j, b, v, i] = <e_i,b , y_v,b> over the chunk: batched over images
+        torch.bmm(y.view(ncrops, B, w).transpose(0, 1), x.view(n_teacher, B, w).permute(1, 2, 0), out=dots[j])
+        torch.amax(y, 1, out=smax[j])
+        y.sub_(smax[j].unsqueeze(1)).exp_()
+        torch.sum(y, 1, out=ssum[j])
+    loss, lse, TM, TZ = _combine_partials(
+        smax.t().reshape(ncrops, B, n), ssum.t().reshape(ncrops, B, n),
+        tmax.t().reshape(n_teacher, B, n), tsum.t().reshape(n_teacher, B, n),
+        dots.permute(2, 1, 3, 0), n_teacher,
+    )
+    return loss, lse, TM, TZ, colsum
+
+
+def _torch_backward(
+    grad: Tensor, S: Tensor, T: Tensor, c: Tensor, lse: Tensor, TM: Tensor, TZ: Tensor,
+    ncrops: int, n_teacher: int, tau_s: float, tau_t: float, out: Optional[Tensor] = None,
+) -> Tensor:
+    """Eager fast-path gradient dL/dS (ncrops*B, K) in S's dtype, written into ``out`` if given.
+
+    ``grad`` is the 0-dim upstream gradient; lse/TM/TZ are the forward's per-row statistics.
+    """
+    rows_s, K = S.shape
+    rows_t = T.shape[0]
+    B = rows_s // ncrops
+    dt = _math_dtype(S, T)
+    kc = _chunk_cols(rows_s, K)
+    dS = torch.empty_like(S, memory_format=torch.contiguous_format) if out is None else out
+    dev = S.device
+    tbuf = torch.empty((rows_t, kc), dtype=dt, device=dev)
+    sbuf = torch.empty((rows_s, kc), dtype=dt, device=dev)
+    qbuf = torch.empty((B, kc), dtype=dt, device=dev)
+    cf = c.reshape(-1).to(dt)
+    n_terms = n_teacher * ncrops - n_teacher
+    gscale = grad.to(dt) / (tau_s * B * n_terms)
+    inv_s, inv_t = 1.0 / tau_s, 1.0 / tau_t
+    tm = TM.to(dt).unsqueeze(1)
+    tzinv = TZ.to(dt).reciprocal().unsqueeze(1)
+    lse_ = lse.to(dt).unsqueeze(1)
+    same_s = S.dtype == dt
+    for k0 in range(0, K, kc):
+        k1 = min(K, k0 + kc)
+        w = k1 - k0
+        q = tbuf[:, :w]
+        q.copy_(T[:, k0:k1])
+        q.sub_(cf[k0:k1]).mul_(inv_t).sub_(tm).exp_().mul_(tzinv)
+        q3 = q.view(n_teacher, B, w)
+        p = sbuf[:, :w]
+        if same_s:
+            torch.mul(S[:, k0:k1], inv_s, out=p)
+        else:
+            p.copy_(S[:, k0:k1]).mul_(inv_s)
+        p.sub_(lse_).exp_()
+        p3 = p.view(ncrops, B, w)
+        if ncrops > n_teacher:
+            Q = qbuf[:, :w]
+            torch.sum(q3, 0, out=Q)
+            p3[n_teacher:].mul_(n_teacher).sub_(Q)
+        for v in range(n_teacher):
+            # Q_v = sum_{i != v} q_i, summed exactly (no cancellation from "all minus q_v")
+            others = [i for i in range(n_teacher) if i != v]
+            if not others:
+                p3[v].zero_()
+                continue
+            if len(others) == 1:
+                Qv = q3[others[0]]
+            else:
+                Qv = qbuf[:, :w]
+                torch.sum(q3[others], 0, out=Qv)
+            p3[v].mul_(n_teacher - 1).sub_(Qv)
+        p.mul_(gscale)
+        dS[:, k0:k1].copy_(p)
+    return dS
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops (what autograd and torch.compile see)
+# --------------------------------------------------------------------------------------------
+def _impl_forward(impl: str, S: Tensor, T: Tensor, c: Tensor, ncrops: int, n_teacher: int,
+                  tau_s: float, tau_t: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if impl == "triton":
+        from dino_fast.kernels.dino_loss import dino_loss_forward_triton
+
+        return dino_loss_forward_triton(S, T, c, ncrops=ncrops, n_teacher=n_teacher,
+                                        student_temp=tau_s, teacher_temp=tau_t)
+    if impl == "torch":
+        return _torch_forward(S, T, c, ncrops, n_teacher, tau_s, tau_t)
+    raise ValueError(f"impl must be 'triton' or 'torch', got {impl!r}")
+
+
+def _impl_backward(impl: str, grad: Tensor, S: Tensor, T: Tensor, c: Tensor, lse: Tensor, TM: Tensor,
+                   TZ: Tensor, ncrops: int, n_teacher: int, tau_s: float, tau_t: float,
+                   out: Optional[Tensor] = None) -> Tensor:
+    if impl == "triton":
+        from dino_fast.kernels.dino_loss import dino_loss_backward_triton
+
+        return dino_loss_backward_triton(grad, S, T, c, lse, TM, TZ, ncrops=ncrops, n_teacher=n_teacher,
+                                         student_temp=tau_s, teacher_temp=tau_t, out=out)
+    if impl == "torch":
+        return _torch_backward(grad, S, T, c, lse, TM, TZ, ncrops, n_teacher, tau_s, tau_t, out=out)
+    raise ValueError(f"impl must be 'triton' or 'torch', got {impl!r}")
+
+
+@torch.library.custom_op("dino_fast::dino_loss_fwd", mutates_args=())
+def _dino_loss_fwd_op(student: Tensor, teacher: Tensor, center: Tensor, ncrops: int, n_teacher: int,
+                      student_temp: float, teacher_temp: float, impl: str
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward: (loss, lse (ncrops*B,), teacher max (NT*B,), teacher sum-exp (NT*B,), colsum (K,))."""
+    return _impl_forward(impl, student, teacher, center, ncrops, n_teacher, student_temp, teacher_temp)
+
+
+@_dino_loss_fwd_op.register_fake
+def _(student, teacher, center, ncrops, n_teacher, student_temp, teacher_temp, impl):
+    dt = _math_dtype(student, teacher)
+    rows_s, K = student.shape
+    new = student.new_empty
+    return (new((), dtype=dt), new((rows_s,), dtype=dt), new((teacher.shape[0],), dtype=dt),
+            new((teacher.shape[0],), dtype=dt), new((K,), dtype=dt))
+
+
+@torch.library.custom_op("dino_fast::dino_loss_bwd", mutates_args=())
+def _dino_loss_bwd_op(grad: Tensor, student: Tensor, teacher: Tensor, center: Tensor, lse: Tensor,
+                      tmax: Tensor, tsum: Tensor, ncrops: int, n_teacher: int, student_temp: float,
+                      teacher_temp: float, impl: str) -> Tensor:
+    """Fused backward: dL/dS (ncrops*B, K) in the student's dtype."""
+    return _impl_backward(impl, grad, student, teacher, center, lse, tmax, tsum, ncrops, n_teacher,
+                          student_temp, teacher_temp)
+
+
+@_dino_loss_bwd_op.register_fake
+def _(grad, student, teacher, center, lse, tmax, tsum, ncrops, n_teacher, student_temp, teacher_temp, impl):
+    return torch.empty_like(student, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    student, teacher, center, ncrops, n_teacher, tau_s, tau_t, impl = inputs
+    _, lse, tmax, tsum, _ = output
+    ctx.save_for_backward(student, teacher, center, lse, tmax, tsum)
+    ctx.args = (ncrops, n_teacher, tau_s, tau_t, impl)
+
+
+def _backward(ctx, g_loss, g_lse, g_tmax, g_tsum, g_colsum):
+    student, teacher, center, lse, tmax, tsum = ctx.saved_tensors
+    dS = None
+    if ctx.needs_input_grad[0]:
+        if g_loss is None:
+            g_loss = lse.new_zeros(())
+        dS = torch.ops.dino_fast.dino_loss_bwd(g_loss, student, teacher, center, lse, tmax, tsum, *ctx.args)
+    return dS, None, None, None, None, None, None, None
+
+
+_dino_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _InplaceGradFunction(torch.autograd.Function):
+    """Eager-only autograd Function whose backward writes dL/dS into S's own storage (opt-in).
+
+    Saves memory (no separate gradient buffer), but S must not be needed by anything else after
+    the backward: if an upstream op saved S for its own backward, that backward sees dS instead
+    of S and silently computes garbage. Not traceable by torch.compile.
+    """
+
+    @staticmethod
+    def forward(ctx, S, T, c, ncrops, n_teacher, tau_s, tau_t, impl):  # noqa: D102
+        loss, lse, TM, TZ, colsum = _impl_forward(impl, S, T, c, ncrops, n_teacher, tau_s, tau_t)
+        ctx.save_for_backward(S, T, c, lse, TM, TZ)
+        ctx.args = (ncrops, n_teacher, tau_s, tau_t)
+        ctx.impl = impl
+        ctx.mark_non_differentiable(colsum)
+        return loss, colsum
+
+    @staticmethod
+    def backward(ctx, g_loss, g_colsum):  # noqa: D102
+        S, T, c, lse, TM, TZ = ctx.saved_tensors
+        if S.stride(-1) != 1:
+            raise RuntimeError("inplace_grad needs a student tensor with unit column stride")
+        dS = _impl_backward(ctx.impl, g_loss, S, T, c, lse, TM, TZ, *ctx.args, out=S)
+        return dS, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
+def dino_loss_with_colsum(
+    student: TensorOrCrops,
+    teacher: TensorOrCrops,
+    center: Tensor,
+    *,
+    ncrops: int,
+    student_temp: float,
+    teacher_temp: float,
+    backend: str = "auto",
+    n_teacher: int = 2,
+    inplace_grad: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """The loss and the teacher column sum from one fused pass (no second read of T).
+
+    Same arguments as :func:`dino_loss`. Returns ``(loss, colsum)``: loss a 0-dim fp32 tensor
+    (the input dtype for ``backend="reference"``, fp64 for fp64 inputs), colsum the (K,) fp32
+    sum over the teacher rows of the raw teacher logits (for :func:`update_center`'s formula).
+    """
+    S = _as_2d(student, "student")
+    T = _as_2d(teacher, "teacher")
+    B, K, tau_s, tau_t = _check_inputs(S, T, center, ncrops, n_teacher, student_temp, teacher_temp)
+    impl = resolve_backend(backend, S.device)
+    T = T.detach()
+    c = center.detach().reshape(-1)
+    if impl == "reference":
+        from dino_fast.reference.loss import dino_loss_reference
+
+        loss = dino_loss_reference(S, T, c, ncrops=ncrops, student_temp=tau_s, teacher_temp=tau_t,
+                                   n_teacher=n_teacher)
+        return loss, T.sum(0, dtype=_math_dtype(T))
+    if S.stride(-1) != 1:
+        S = S.contiguous()
+    if T.stride(-1) != 1:
+        T = T.contiguous()
+    c = c.to(torch.float64 if c.dtype == torch.float64 else torch.float32).contiguous()
+    if inplace_grad:
+        return _InplaceGradFunction.apply(S, T, c, ncrops, n_teacher, tau_s, tau_t, impl)
+    loss, _, _, _, colsum = torch.ops.dino_fast.dino_loss_fwd(S, T, c, ncrops, n_teacher, tau_s, tau_t, impl)
+    return loss, colsum
+
+
+def dino_loss(
+    student: TensorOrCrops,
+    teacher: TensorOrCrops,
+    center: Tensor,
+    *,
+    ncrops: int,
+    student_temp: float,
+    teacher_temp: float,
+    backend: str = "auto",
+    n_teacher: int = 2,
+    inplace_grad: bool = False,
+) -> Tensor:
+    """Functional DINO loss (no center update): the official pair loop, fused.
+
+    Args:
+        student: (ncrops*B, K) student logits, crop-major, fp32/bf16/fp16 (fp64 on the torch and
+            reference backends), or a list of ``ncrops`` (B, K) tensors.
+        teacher: (n_teacher*B, K) teacher logits (or a list of (B, K)); no gradient flows into it.
+        center: (1, K) or (K,) center.
+        ncrops: number of student crops (>= 2); n_teacher: teacher crops (1..ncrops), which are
+            the first ``n_teacher`` student crops.
+        student_temp, teacher_temp: positive temperatures.
+        backend: "auto", "triton", "torch" ("cpu"), or "reference".
+        inplace_grad: write dL/dS into the student tensor's storage in the backward (saves one
+            (ncrops*B, K) buffer; only safe when nothing upstream saved the student tensor for its
+            own backward; eager only). Off by default.
+
+    Returns:
+        0-dim fp32 tensor (fp64 for fp64 inputs; the input dtype with ``backend="reference"``).
+    """
+    return dino_loss_with_colsum(student, teacher, center, ncrops=ncrops, student_temp=student_temp,
+                                 teacher_temp=teacher_temp, backend=backend, n_teacher=n_teacher,
+                                 inplace_grad=inplace_grad)[0]
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def _apply_center(center: Tensor, batch_sum: Tensor, count: int, momentum: float) -> None:
+    """center <- m*center + (1-m) * batch_sum / count, in place."""
+    center.mul_(momentum).add_(batch_sum.reshape(center.shape).to(center.dtype), alpha=(1.0 - momentum) / count)
+
+
+@torch.no_grad()
+def update_center(center: Tensor, teacher_output: TensorOrCrops, momentum: float) -> None:
+    """In-place center update ``c <- m*c + (1-m) * sum_rows(T) / (rows * world_size)``.
+
+    Args:
+        center: (1, K) or (K,) float tensor, updated in place.
+        teacher_output: (rows, K) raw teacher logits (or a list of (B, K) crops).
+        momentum: m in [0, 1].
+
+    The column sum is accumulated in fp32 and all-reduced (sum) over ranks when
+    ``torch.distributed`` is initialised; without a process group it is the local sum.
+    """
+    T = _as_2d(teacher_output, "teacher_output")
+    if not isinstance(center, Tensor) or not center.is_floating_point():
+        raise TypeError(f"center: expected a float tensor, got {type(center).__name__}"
+                        f"{'' if not isinstance(center, Tensor) else ' of dtype ' + str(center.dtype)}")
+    if T.dim() != 2 or T.shape[1] != center.numel():
+        raise ValueError(f"teacher_output: expected (rows, {center.numel()}) to match center "
+                         f"{tuple(center.shape)}, got {tuple(T.shape)}")
+    if not T.is_floating_point():
+        raise TypeError(f"teacher_output: expected a float tensor, got dtype {T.dtype}")
+    if T.device != center.device:
+        raise ValueError(f"teacher_output and center must be on one device, got {T.device} and {center.device}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be a float in [0, 1], got {momentum!r}")
+    batch = T.sum(0, dtype=_math_dtype(T, center))
+    world = _world_size()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch)
+    _apply_center(center, batch, T.shape[0] * world, float(momentum))
+
+
+class DINOLoss(nn.Module):
+    """Drop-in replacement for the official DINO ``DINOLoss``, fused.
+
+    Same constructor (plus keyword-only options), state (a (1, out_dim) fp32 ``center`` buffer,
+    ``teacher_temp_schedule``) and ``forward(student_output, teacher_output, epoch)``.
+
+    Args:
+        out_dim: K. ncrops: student crops (2 global + local). warmup_teacher_temp, teacher_temp,
+        warmup_teacher_temp_epochs, nepochs: the per-epoch teacher temperature schedule
+        (``np.linspace(warmup, final, warmup_epochs)`` then constant). student_temp: tau_s.
+        center_momentum: m of the center EMA.
+        backend: "auto" | "triton" | "torch" ("cpu") | "reference".
+        n_teacher: teacher crops (2 in DINO); they are the first ``n_teacher`` student crops.
+        async_center: start the center all-reduce asynchronously and apply it at the next call
+            (DINOv2 style; overlaps the reduce with the backward). A pending update is applied
+            by :meth:`flush_center`, automatically before ``state_dict()`` and at the next
+            ``forward``; call ``flush_center()`` yourself before reading ``center`` directly.
+            Eager mode only (its Python-side state does not trace under torch.compile).
+        check_finite: check both inputs for NaN/inf and raise :class:`NonFiniteError` naming the
+            crop and row (costs a read of the inputs and a host sync).
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        ncrops: int,
+        warmup_teacher_temp: float,
+        teacher_temp: float,
+        warmup_teacher_temp_epochs: int,
+        nepochs: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        *,
+        backend: str = "auto",
+        n_teacher: int = 2,
+        async_center: bool = False,
+        check_finite: bool = False,
+    ) -> None:
+        super().__init__()
+        out_dim = _check_int("out_dim", out_dim, 1)
+        self.ncrops = _check_int("ncrops", ncrops, 2)
+        self.n_teacher = _check_int("n_teacher", n_teacher, 1)
+        if self.n_teacher > self.ncrops:
+            raise ValueError(f"n_teacher must be <= ncrops, got n_teacher={n_teacher}, ncrops={ncrops}")
+        self.student_temp = _check_temp("student_temp", student_temp)
+        _check_temp("warmup_teacher_temp", warmup_teacher_temp)
+        _check_temp("teacher_temp", teacher_temp)
+        warm = _check_int("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, 0)
+        nepochs = _check_int("nepochs", nepochs, 1)
+        if warm > nepochs:
+            raise ValueError(f"warmup_teacher_temp_epochs ({warm}) must be <= nepochs ({nepochs})")
+        if isinstance(center_momentum, bool) or not isinstance(center_momentum, (int, float)) \
+                or not 0.0 <= center_momentum <= 1.0:
+            raise ValueError(f"center_momentum must be a float in [0, 1], got {center_momentum!r}")
+        self.center_momentum = float(center_momentum)
+        self.backend = check_backend(backend)
+        self.async_center = bool(async_center)
+        self.check_finite = bool(check_finite)
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warm),
+            np.ones(nepochs - warm) * teacher_temp,
+        ))
+        self._temps = [float(t) for t in self.teacher_temp_schedule]
+        self._pending: Optional[tuple[object, Tensor, int]] = None
+        self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush_center())
+
+    def teacher_temp_at(self, epoch: int) -> float:
+        """Teacher temperature of ``epoch`` (0-based) from the schedule."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)):
+            raise TypeError(f"epoch must be an int, got {type(epoch).__name__} {epoch!r}")
+        if not 0 <= epoch < len(self._temps):
+            raise ValueError(f"epoch must be in [0, {len(self._temps)}) (nepochs), got {epoch}")
+        return self._temps[int(epoch)]
+
+    def forward(self, student_output: TensorOrCrops, teacher_output: TensorOrCrops, epoch: int) -> Tensor:
+        """Loss of one step (0-dim fp32 tensor), then the center update.
+
+        student_output: (ncrops*B, out_dim) crop-major, or a list of ``ncrops`` (B, out_dim);
+        teacher_output: (n_teacher*B, out_dim), or a list of ``n_teacher`` (B, out_dim).
+        """
+        if self.check_finite:
+            rows = (student_output.shape[0] // self.ncrops if isinstance(student_output, Tensor)
+                    else student_output[0].shape[0])
+            _check_finite(student_output, "student_output", max(rows, 1))
+            _check_finite(teacher_output, "teacher_output", max(rows, 1))
+        self.flush_center()
+        temp = self.teacher_temp_at(epoch)
+        T = _as_2d(teacher_output, "teacher_output")
+        loss, colsum = dino_loss_with_colsum(
+            student_output, T, self.center, ncrops=self.ncrops, student_temp=self.student_temp,
+            teacher_temp=temp, backend=self.backend, n_teacher=self.n_teacher,
+        )
+        self._update_center(colsum, T.shape[0])
+        return loss
+
+    @torch.no_grad()
+    def _update_center(self, colsum: Tensor, rows: int) -> None:
+        batch = colsum.detach()
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if distributed else 1
+        if self.async_center:
+            handle = dist.all_reduce(batch, async_op=True) if distributed else None
+            self._pending = (handle, batch, rows * world)
+            return
+        if distributed:
+            dist.all_reduce(batch)
+        _apply_center(self.center, batch, rows * world, self.center_momentum)
+
+    @torch.no_grad()
+    def flush_center(self) -> None:
+        """Apply a pending asynchronous center update (waits for its all-reduce); no-op if none."""
+        pending = self._pending
+        if pending is None:
+            return
+        handle, batch, count = pending
+        if handle is not None:
+            handle.wait()
+        _apply_center(self.center, batch, count, self.center_momentum)
+        self._pending = None
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return (f"out_dim={self.center.shape[1]}, ncrops={self.ncrops}, n_teacher={self.n_teacher}, "
+                f"student_temp={self.student_temp}, center_momentum={self.center_momentum}, "
+                f"backend={self.backend!r}, async_center={self.async_center}")

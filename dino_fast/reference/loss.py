@@ -1,0 +1,122 @@
+"""Eager reference of the official DINO loss, op by op (tests and benchmarks only).
+
+This follows facebookresearch/dino's ``DINOLoss`` exactly: the student logits are divided by
+``student_temp`` and chunked per crop, the teacher logits are centered, sharpened and
+soft-maxed, and the cross-entropy ``sum(-q * log_softmax(s))`` is averaged over every
+(teacher crop i, student crop v != i) pair. The center is updated afterwards with an
+all-reduce over ranks (only when a process group is initialised).
+
+It is deliberately unfused: training never uses it; every fast path is compared with it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["dino_loss_reference", "update_center_reference", "DINOLossReference"]
+
+
+def dino_loss_reference(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    *,
+    ncrops: int,
+    student_temp: float,
+    teacher_temp: float,
+    n_teacher: int = 2,
+) -> torch.Tensor:
+    """The DINO loss as a loop over crop pairs (the official algorithm).
+
+    Args:
+        student: (ncrops*B, K) student logits, crop-major, any float dtype (the arithmetic is
+            done in the input dtype, as in the official code; pass float64 for a ground truth).
+        teacher: (n_teacher*B, K) teacher logits, crop-major (no gradient flows into it).
+        center: (1, K) or (K,) center.
+        ncrops: number of student crops; n_teacher: number of teacher crops (2 in DINO).
+        student_temp / teacher_temp: temperatures tau_s, tau_t.
+
+    Returns:
+        0-dim tensor of ``student``'s dtype: mean over pairs of mean over images of
+        ``H(q_i, p_v)``.
+    """
+    student_out = student / student_temp
+    student_out = student_out.chunk(ncrops)
+    teacher_out = F.softmax((teacher - center.reshape(1, -1)) / teacher_temp, dim=-1)
+    teacher_out = teacher_out.detach().chunk(n_teacher)
+    total_loss = student.new_zeros(())
+    n_loss_terms = 0
+    for iq, q in enumerate(teacher_out):
+        for v in range(len(student_out)):
+            if v == iq:
+                continue
+            loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
+            total_loss = total_loss + loss.mean()
+            n_loss_terms += 1
+    return total_loss / n_loss_terms
+
+
+@torch.no_grad()
+def update_center_reference(center: torch.Tensor, teacher_output: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Return the updated center ``m*c + (1-m) * sum_rows(T) / (rows * world_size)``.
+
+    Args:
+        center: (1, K) current center.
+        teacher_output: (rows, K) raw teacher logits (before centering).
+        momentum: m.
+
+    Returns:
+        (1, K) new center (a new tensor, as in the official code). The column sum is
+        all-reduced over ranks when ``torch.distributed`` is initialised.
+    """
+    batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
+    world_size = 1
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(batch_center)
+        world_size = dist.get_world_size()
+    batch_center = batch_center / (len(teacher_output) * world_size)
+    return center * momentum + batch_center * (1 - momentum)
+
+
+class DINOLossReference(nn.Module):
+    """The official ``DINOLoss`` module (same constructor, state and forward), op by op.
+
+    ``forward(student_output (ncrops*B, K), teacher_output (n_teacher*B, K), epoch: int)``
+    returns a 0-dim tensor and updates the (1, K) ``center`` buffer.
+    """
+
+    def __init__(
+        self,
+        out_dim: int,
+        ncrops: int,
+        warmup_teacher_temp: float,
+        teacher_temp: float,
+        warmup_teacher_temp_epochs: int,
+        nepochs: int,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        n_teacher: int = 2,
+    ) -> None:
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.n_teacher = n_teacher
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+        ))
+
+    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor, epoch: int) -> torch.Tensor:
+        """Loss of one step, then the center update (see :func:`dino_loss_reference`)."""
+        temp = float(self.teacher_temp_schedule[epoch])
+        loss = dino_loss_reference(
+            student_output, teacher_output, self.center,
+            ncrops=self.ncrops, student_temp=self.student_temp, teacher_temp=temp, n_teacher=self.n_teacher,
+        )
+        self.center = update_center_reference(self.center, teacher_output, self.center_momentum)
+        return loss

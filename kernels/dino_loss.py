@@ -1,0 +1,254 @@
+"""Fused DINO loss: Triton kernels (forward statistics pass and gradient pass) and launchers.
+
+Math (DESIGN.md section 2). S (ncrops*B, K) student logits, T (NT*B, K) teacher logits, c (K,)
+center, NT = n_teacher:
+
+    q_i   = softmax((T_i - c) / tau_t)          lse_v = logsumexp(S_v / tau_s)
+    loss  = 1/(B*n_terms) sum_{v,b} ( |Q_v| lse_vb - <Q_vb, S_vb / tau_s> ),  Q_v = sum_{i!=v} q_i
+    dS_v  = g * ( |Q_v| softmax(S_v / tau_s) - Q_v ) / (tau_s * B * n_terms)
+
+Kernels (both on a 2-D grid: K tiles x image groups; each program owns BLOCK_K columns of a
+group of images and, per image, reads the NT teacher rows once and every student crop once):
+
+- ``_dino_fwd_kernel`` (teacher pass and student pass fused into one read of S and T): per
+  image b and tile, the tile max and sum-exp of (T_i - c)/tau_t, the tile max and sum-exp of
+  S_v/tau_s, and the dots <exp((T_i - c)/tau_t - tile max_i), S_v/tau_s> for every (v, i); the
+  fp32 column sum of T over the group's images (for the center update, no second read of T).
+  Q_v is never materialised: its normaliser is global, so the dots are kept per teacher row and
+  rescaled when the partials are combined (an online softmax across tiles, done once at the end
+  over (rows, K/BLOCK_K) partials: a few KiB). Teacher and student statistics come from one read.
+- ``_dino_bwd_kernel``: recomputes q_i and softmax(S_v/tau_s) tile by tile from the saved
+  per-row statistics (lse per student row, max and sum-exp per teacher row; 3 floats per row)
+  and writes dS once, in S's dtype. Reads the upstream gradient from device memory (no sync).
+
+Bytes (per call, E = element size of S and T): forward reads S and T once (plus c once per
+image group, and writes the per-group column sums of T: G*K*4 each, G = ceil(B / 8));
+backward reads S and T once and writes dS once. Total about (2*|S| + 2*|T| + |dS|) against the
+floor |S| + |T| + |dS|: 1.55x at 2+10 crops (22 units of B*K*E floor, 34 moved).
+No (rows, K) temporary is created besides the gradient.
+
+Tiles: BLOCK_K = 2048 columns for NT <= 2 (the teacher tile is (NT_P2, BLOCK_K) in registers;
+BLOCK_K shrinks as NT grows so that NT_P2 * BLOCK_K <= 4096), 8 warps; 8 images per program.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "LaunchConfig", "launch_config", "dino_loss_forward_triton", "dino_loss_backward_triton",
+    "_dino_fwd_kernel", "_dino_bwd_kernel",
+]
+
+_SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
+IMAGES_PER_PROGRAM = 8
+
+
+@triton.jit
+def _dino_fwd_kernel(
+    S, T, C, SMAX, SSUM, TMAX, TSUM, DOT, COLSUM,
+    B, K, NCROPS, NTEACH, stride_s, stride_t, n_tiles, imgs_per_group,
+    inv_tau_s, inv_tau_t,
+    BLOCK_K: tl.constexpr, NT_P2: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    group = tl.program_id(1)
+    cols = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    ti = tl.arange(0, NT_P2)
+    tvalid = ti < NTEACH
+    mask2 = tvalid[:, None] & cmask[None, :]
+    c = tl.load(C + cols, mask=cmask, other=0.0).to(tl.float32)
+    colacc = tl.zeros([BLOCK_K], dtype=tl.float32)
+    b0 = group * imgs_per_group
+    b1 = tl.minimum(b0 + imgs_per_group, B)
+    for b in range(b0, b1):
+        trow = ti * B + b                                                  # (NT_P2,)
+        t = tl.load(T + trow.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=mask2,
+                    other=0.0).to(tl.float32)
+        colacc += tl.sum(t, axis=0)
+        x = tl.where(mask2, (t - c[None, :]) * inv_tau_t, float("-inf"))
+        tm = tl.max(x, axis=1)
+        tm = tl.where(tvalid, tm, 0.0)
+        e = tl.exp(x - tm[:, None])                                        # 0 where masked
+        tl.store(TMAX + trow * n_tiles + tile, tm, mask=tvalid)
+        tl.store(TSUM + trow * n_tiles + tile, tl.sum(e, axis=1), mask=tvalid)
+        for v in range(0, NCROPS):
+            srow = v * B + b
+            s = tl.load(S + srow.to(tl.int64) * stride_s + cols, mask=cmask, other=0.0).to(tl.float32)
+            y = s * inv_tau_s
+            d = tl.sum(e * y[None, :], axis=1)                                # (NT_P2,)
+            tl.store(DOT + (srow * NTEACH + ti) * n_tiles + tile, d, mask=tvalid)
+            ym = tl.where(cmask, y, float("-inf"))
+            sm = tl.max(ym, axis=0)
+            tl.store(SMAX + srow * n_tiles + tile, sm)
+            tl.store(SSUM + srow * n_tiles + tile, tl.sum(tl.exp(ym - sm), axis=0))
+    tl.store(COLSUM + group * K + cols, colacc, mask=cmask)
+
+
+@triton.jit
+def _dino_bwd_kernel(
+    S, T, C, G, GOUT, LSE, TMAX, TZINV,
+    B, K, NCROPS, NTEACH, stride_s, stride_t, stride_g, imgs_per_group,
+    inv_tau_s, inv_tau_t, grad_scale,
+    BLOCK_K: tl.constexpr, NT_P2: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    group = tl.program_id(1)
+    cols = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+    cmask = cols < K
+    ti = tl.arange(0, NT_P2)
+    tvalid = ti < NTEACH
+    mask2 = tvalid[:, None] & cmask[None, :]
+    c = tl.load(C + cols, mask=cmask, other=0.0).to(tl.float32)
+    g = tl.load(GOUT).to(tl.float32) * grad_scale
+    b0 = group * imgs_per_group
+    b1 = tl.minimum(b0 + imgs_per_group, B)
+    for b in range(b0, b1):
+        trow = ti * B + b
+        t = tl.load(T + trow.to(tl.int64)[:, None] * stride_t + cols[None, :], mask=mask2,
+                    other=0.0).to(tl.float32)
+        tm = tl.load(TMAX + trow, mask=tvalid, other=0.0)
+        tzinv = tl.load(TZINV + trow, mask=tvalid, other=0.0)
+        x = tl.where(mask2, (t - c[None, :]) * inv_tau_t, float("-inf"))
+        q = tl.exp(x - tm[:, None]) * tzinv[:, None]                      # (NT_P2, BLOCK_K)
+        for v in range(0, NCROPS):
+            srow = v * B + b
+            s = tl.load(S + srow.to(tl.int64) * stride_s + cols, mask=cmask, other=0.0).to(tl.float32)
+            lse = tl.load(LSE + srow)
+            p = tl.exp(s * inv_tau_s - lse)
+            qv = tl.sum(tl.where(ti[:, None] != v, q, 0.0), axis=0)        # Q_v, summed exactly
+            nq = NTEACH - (v < NTEACH).to(tl.int32)
+            dsv = (nq.to(tl.float32) * p - qv) * g
+            tl.store(G + srow.to(tl.int64) * stride_g + cols, dsv.to(G.dtype.element_ty), mask=cmask)
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Tile sizes and grid the launchers use for given (B, K, n_teacher)."""
+
+    block_k: int
+    nt_p2: int
+    num_warps: int
+    imgs_per_group: int
+    n_tiles: int
+    n_groups: int
+
+
+def launch_config(B: int, K: int, n_teacher: int) -> LaunchConfig:
+    """The launch configuration for B images, K columns and ``n_teacher`` teacher crops."""
+    nt_p2 = triton.next_power_of_2(n_teacher)
+    block_k = max(128, 4096 // nt_p2)
+    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
+    num_warps = 8 if block_k >= 2048 else 4
+    imgs = min(IMAGES_PER_PROGRAM, B)
+    return LaunchConfig(block_k=block_k, nt_p2=nt_p2, num_warps=num_warps, imgs_per_group=imgs,
+                        n_tiles=triton.cdiv(K, block_k), n_groups=triton.cdiv(B, imgs))
+
+
+def _check(S: torch.Tensor, T: torch.Tensor, c: torch.Tensor, ncrops: int, n_teacher: int,
+           student_temp: float, teacher_temp: float) -> tuple[int, int]:
+    """Launcher checks: shapes, dtypes, devices, strides, temperatures. Returns (B, K)."""
+    for name, x in (("S", S), ("T", T)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _SUPPORTED:
+            raise TypeError(f"{name}: expected float32, bfloat16 or float16, got {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(x.shape)}")
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name}: expected unit stride along K, got strides {x.stride()}")
+    if not isinstance(ncrops, int) or ncrops < 2:
+        raise ValueError(f"ncrops: expected an int >= 2, got {ncrops!r}")
+    if not isinstance(n_teacher, int) or not 1 <= n_teacher <= ncrops:
+        raise ValueError(f"n_teacher: expected an int in [1, ncrops={ncrops}], got {n_teacher!r}")
+    rows, K = S.shape
+    if K == 0 or rows == 0 or rows % ncrops:
+        raise ValueError(f"S: expected (ncrops*B, K) with ncrops={ncrops} and K >= 1, got shape {tuple(S.shape)}")
+    B = rows // ncrops
+    if tuple(T.shape) != (n_teacher * B, K):
+        raise ValueError(f"T: expected shape ({n_teacher * B}, {K}) (n_teacher*B, K), got {tuple(T.shape)}")
+    if c.dtype != torch.float32 or c.dim() != 1 or c.numel() != K or c.stride(0) != 1:
+        raise ValueError(f"c: expected a contiguous float32 ({K},) tensor, got {c.dtype} {tuple(c.shape)}")
+    if not (S.device == T.device == c.device):
+        raise ValueError(f"S, T and c must be on one device, got {S.device}, {T.device}, {c.device}")
+    if not (student_temp > 0 and teacher_temp > 0):
+        raise ValueError(f"temperatures must be > 0, got student_temp={student_temp}, teacher_temp={teacher_temp}")
+    return B, K
+
+
+def dino_loss_forward_triton(
+    S: torch.Tensor, T: torch.Tensor, c: torch.Tensor, *, ncrops: int, n_teacher: int = 2,
+    student_temp: float, teacher_temp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward statistics pass.
+
+    Args:
+        S: (ncrops*B, K) fp32/bf16/fp16, unit stride along K. T: (n_teacher*B, K), same rules.
+        c: (K,) contiguous fp32 center.
+
+    Returns (all fp32): loss (0-dim), lse of S/tau_s per student row (ncrops*B,), max and
+    sum-exp of (T - c)/tau_t per teacher row (n_teacher*B,) x 2, column sum of T (K,).
+    """
+    B, K = _check(S, T, c, ncrops, n_teacher, student_temp, teacher_temp)
+    from dino_fast.loss import _combine_partials
+
+    cfg = launch_config(B, K, n_teacher)
+    f32 = dict(dtype=torch.float32, device=S.device)
+    n = cfg.n_tiles
+    smax = torch.empty((ncrops * B, n), **f32)
+    ssum = torch.empty((ncrops * B, n), **f32)
+    tmax = torch.empty((n_teacher * B, n), **f32)
+    tsum = torch.empty((n_teacher * B, n), **f32)
+    dots = torch.empty((ncrops * B, n_teacher, n), **f32)
+    colsum_part = torch.empty((cfg.n_groups, K), **f32)
+    _dino_fwd_kernel[(n, cfg.n_groups)](
+        S, T, c, smax, ssum, tmax, tsum, dots, colsum_part,
+        B, K, ncrops, n_teacher, S.stride(0), T.stride(0), n, cfg.imgs_per_group,
+        1.0 / student_temp, 1.0 / teacher_temp,
+        BLOCK_K=cfg.block_k, NT_P2=cfg.nt_p2, num_warps=cfg.num_warps,
+    )
+    loss, lse, TM, TZ = _combine_partials(
+        smax.view(ncrops, B, n), ssum.view(ncrops, B, n), tmax.view(n_teacher, B, n),
+        tsum.view(n_teacher, B, n), dots.view(ncrops, B, n_teacher, n), n_teacher,
+    )
+    colsum = colsum_part[0] if cfg.n_groups == 1 else colsum_part.sum(0)
+    return loss, lse, TM, TZ, colsum
+
+
+def dino_loss_backward_triton(
+    grad: torch.Tensor, S: torch.Tensor, T: torch.Tensor, c: torch.Tensor, lse: torch.Tensor,
+    tmax: torch.Tensor, tsum: torch.Tensor, *, ncrops: int, n_teacher: int = 2, student_temp: float,
+    teacher_temp: float, out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Gradient pass: dL/dS (ncrops*B, K) in S's dtype (written into ``out`` when given, which
+    may be S itself: each element is read before it is written, by the same program).
+
+    Args: grad the 0-dim upstream gradient; lse (ncrops*B,), tmax/tsum (n_teacher*B,) fp32 from
+    :func:`dino_loss_forward_triton`; the other arguments as there.
+    """
+    B, K = _check(S, T, c, ncrops, n_teacher, student_temp, teacher_temp)
+    for name, x, n in (("lse", lse, ncrops * B), ("tmax", tmax, n_teacher * B), ("tsum", tsum, n_teacher * B)):
+        if x.dtype != torch.float32 or tuple(x.shape) != (n,) or x.device != S.device:
+            raise ValueError(f"{name}: expected float32 ({n},) on {S.device}, got {x.dtype} {tuple(x.shape)} on {x.device}")
+    if grad.numel() != 1 or grad.device != S.device:
+        raise ValueError(f"grad: expected a 0-dim tensor on {S.device}, got shape {tuple(grad.shape)} on {grad.device}")
+    if out is None:
+        out = torch.empty_like(S, memory_format=torch.contiguous_format)
+    elif out.shape != S.shape or out.dtype != S.dtype or out.stride(-1) != 1 or out.device != S.device:
+        raise ValueError(f"out: expected {S.dtype} {tuple(S.shape)} with unit stride on {S.device}, "
+                         f"got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
+    cfg = launch_config(B, K, n_teacher)
+    n_terms = n_teacher * ncrops - n_teacher
+    _dino_bwd_kernel[(cfg.n_tiles, cfg.n_groups)](
+        S, T, c, out, grad.reshape(()).contiguous(), lse.contiguous(), tmax.contiguous(),
+        tsum.reciprocal(),
+        B, K, ncrops, n_teacher, S.stride(0), T.stride(0), out.stride(0), cfg.imgs_per_group,
+        1.0 / student_temp, 1.0 / teacher_temp, 1.0 / (student_temp * B * n_terms),
+        BLOCK_K=cfg.block_k, NT_P2=cfg.nt_p2, num_warps=cfg.num_warps,
+    )
+    return out
