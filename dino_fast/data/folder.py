@@ -1,0 +1,192 @@
+"""Image folders: scanning, validation, RGB conversion (ImageFolder convention).
+
+``root/<class>/<image>`` gives one label per class subfolder (classes sorted by name, labels
+0..C-1); a folder that holds images directly and no class subfolders is one class, label 0.
+Every candidate file is validated by decoding it (JPEG at reduced DCT scale, which still reads
+the whole entropy-coded stream): zero-byte files, non-images and corrupt or truncated images are
+listed with the reason and skipped; grayscale, RGBA, palette, CMYK (and other modes) are
+converted to RGB when loaded and listed as converted.
+"""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+from PIL import Image
+
+__all__ = ["ImageRecord", "FolderScan", "scan_image_folder", "load_rgb", "available_cores"]
+
+# Files with other extensions are ignored silently (README, .DS_Store, ...); files with these
+# extensions that fail to decode are reported.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def available_cores() -> int:
+    """Number of CPU cores this process may run on (affinity-aware)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One valid image: path, integer label, decoded size and original PIL mode."""
+
+    path: str
+    label: int
+    height: int
+    width: int
+    mode: str
+
+
+@dataclass
+class FolderScan:
+    """Result of :func:`scan_image_folder`.
+
+    Attributes:
+        root: the scanned folder.
+        classes: class names, index = label.
+        records: valid images in a fixed order (class, then file name).
+        skipped: ``(path, reason)`` for every file that was not usable.
+        converted: ``(path, original_mode)`` for every valid image whose mode is not RGB.
+    """
+
+    root: str
+    classes: list[str]
+    records: list[ImageRecord]
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    converted: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[int]:
+        """Label of every record, in order."""
+        return [r.label for r in self.records]
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode ``path`` fully and return an RGB PIL image (any mode converted to RGB).
+
+    Raises OSError (PIL's error, with the path in the message) when the file cannot be decoded.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode == "RGB":
+                return img.copy()
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                # composite on black, which is what dropping alpha gives for premultiplied data
+                return img.convert("RGBA").convert("RGB")
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise OSError(f"cannot decode image {path!r}: {e}") from e
+
+
+def _validate(path: str) -> tuple[Optional[tuple[int, int, str]], Optional[str]]:
+    """((height, width, mode), None) for a decodable image, (None, reason) otherwise."""
+    try:
+        if os.path.getsize(path) == 0:
+            return None, "zero-byte file"
+    except OSError as e:
+        return None, f"unreadable: {e}"
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            mode = img.mode
+            if img.format == "JPEG" and mode in ("RGB", "L"):
+                img.draft(mode, (max(1, width // 8), max(1, height // 8)))
+            img.load()
+    except Image.UnidentifiedImageError:
+        return None, "not an image"
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        return None, f"corrupt image: {e}"
+    if width < 1 or height < 1:
+        return None, f"empty image ({width}x{height})"
+    return (height, width, mode), None
+
+
+def _progress(it, total: int, enabled: bool):
+    if not enabled:
+        return it
+    from tqdm import tqdm
+
+    return tqdm(it, total=total, desc="validating images", unit="img")
+
+
+def scan_image_folder(
+    root: str | os.PathLike, *, num_workers: Optional[int] = None, progress: bool = False
+) -> FolderScan:
+    """List and validate every image under ``root`` (ImageFolder convention, see module doc).
+
+    Args:
+        root: folder with class subfolders, or a flat folder of images (label 0).
+        num_workers: validation threads (default: cores available).
+        progress: show a progress bar (tqdm) while validating.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a directory.
+        ValueError: no valid image was found (the message lists the first skipped files).
+    """
+    root_p = Path(root)
+    if not root_p.is_dir():
+        raise FileNotFoundError(f"image folder {str(root_p)!r} is not a directory")
+    subdirs = sorted(d.name for d in root_p.iterdir() if d.is_dir() and not d.name.startswith("."))
+    candidates: list[tuple[str, int]] = []
+    if subdirs:
+        classes = subdirs
+        for label, name in enumerate(classes):
+            for dirpath, dirnames, filenames in os.walk(root_p / name):
+                dirnames.sort()
+                for fname in sorted(filenames):
+                    if fname.lower().endswith(IMAGE_EXTENSIONS):
+                        candidates.append((os.path.join(dirpath, fname), label))
+    else:
+        classes = [root_p.name or "0"]
+        for fname in sorted(os.listdir(root_p)):
+            if fname.lower().endswith(IMAGE_EXTENSIONS):
+                candidates.append((str(root_p / fname), 0))
+
+    workers = available_cores() if num_workers is None else max(1, int(num_workers))
+    paths = [p for p, _ in candidates]
+    if workers > 1 and len(paths) > 16:
+        with ThreadPoolExecutor(workers) as pool:
+            it = pool.map(_validate, paths)
+            results = list(_progress(it, len(paths), progress))
+    else:
+        results = [_validate(p) for p in _progress(paths, len(paths), progress)]
+
+    scan = FolderScan(root=str(root_p), classes=classes, records=[])
+    for (path, label), (info, reason) in zip(candidates, results):
+        if info is None:
+            scan.skipped.append((path, str(reason)))
+            continue
+        h, w, mode = info
+        scan.records.append(ImageRecord(path, label, h, w, mode))
+        if mode != "RGB":
+            scan.converted.append((path, mode))
+    if not scan.records:
+        detail = "; ".join(f"{p}: {r}" for p, r in scan.skipped[:5])
+        raise ValueError(
+            f"no valid image found under {str(root_p)!r} (expected image files with extensions "
+            f"{', '.join(IMAGE_EXTENSIONS)}, in class subfolders or directly){': ' + detail if detail else ''}"
+        )
+    return scan
+
+
+def format_report(skipped: Sequence[tuple[str, str]], converted: Sequence[tuple[str, str]], limit: int = 20) -> str:
+    """Human-readable listing of skipped and converted files (first ``limit`` of each)."""
+    lines: list[str] = []
+    if skipped:
+        lines.append(f"skipped {len(skipped)} file(s):")
+        lines += [f"  {p}: {r}" for p, r in skipped[:limit]]
+        if len(skipped) > limit:
+            lines.append(f"  ... and {len(skipped) - limit} more")
+    if converted:
+        lines.append(f"converted {len(converted)} image(s) to RGB:")
+        lines += [f"  {p}: {m}" for p, m in converted[:limit]]
+        if len(converted) > limit:
+            lines.append(f"  ... and {len(converted) - limit} more")
+    return "\n".join(lines)
