@@ -94,13 +94,27 @@ def _tensors(module: nn.Module, include_buffers: bool) -> list[torch.Tensor]:
     return items
 
 
+def _name_hint(teacher: Sequence[tuple[str, torch.Tensor]], student: Sequence[tuple[str, torch.Tensor]],
+               upto: int) -> str:
+    """Where the two name lists first differ (at or before tensor #upto), as a message suffix."""
+    for i, ((tn, _), (sn, _)) in enumerate(zip(teacher[:upto + 1], student[:upto + 1])):
+        if tn != sn:
+            return f"; the parameter names first differ at tensor #{i}: teacher {tn!r} vs student {sn!r}"
+    return ""
+
+
 def _validate_pairs(
     teacher: Sequence[tuple[str, torch.Tensor]],
     student: Sequence[tuple[str, torch.Tensor]],
     *,
     require_fp32_teacher: bool,
 ) -> None:
-    """Raise ValueError naming the first offending tensor when the two lists do not match."""
+    """Raise ValueError naming the first offending tensor when the two lists do not match.
+
+    Tensors are paired by position (as the official ``zip(student.parameters(),
+    teacher.parameters())``); names need not agree, but where they do not, the message says where
+    they first diverge (the likely cause of a shape mismatch further on).
+    """
     for i, ((tn, t), (sn, s)) in enumerate(zip(teacher, student)):
         where = f"teacher {tn!r} / student {sn!r} (tensor #{i})"
         for side, x in (("teacher", t), ("student", s)):
@@ -109,14 +123,16 @@ def _validate_pairs(
             if x.layout != torch.strided:
                 raise ValueError(f"{where}: {side} tensor must be dense (strided), got layout {x.layout}")
         if t.shape != s.shape:
-            raise ValueError(f"shape mismatch at {where}: teacher {tuple(t.shape)} vs student {tuple(s.shape)}")
+            raise ValueError(f"shape mismatch at {where}: teacher {tuple(t.shape)} vs student {tuple(s.shape)}"
+                             + _name_hint(teacher, student, i))
         if not t.is_floating_point():
             raise ValueError(f"{where}: tensors must be floating point, got {t.dtype}")
         if require_fp32_teacher and t.dtype != torch.float32:
             raise ValueError(f"{where}: the teacher must stay float32 (with momentum near 1 the update falls under "
                              f"bf16/fp16 resolution), got {t.dtype}")
         if t.dtype != s.dtype:
-            raise ValueError(f"dtype mismatch at {where}: teacher {t.dtype} vs student {s.dtype}")
+            raise ValueError(f"dtype mismatch at {where}: teacher {t.dtype} vs student {s.dtype}"
+                             + _name_hint(teacher, student, i))
         if t.device != s.device:
             raise ValueError(f"device mismatch at {where}: teacher {t.device} vs student {s.device}")
         if t is s or (t.numel() > 0 and t.data_ptr() == s.data_ptr()):
@@ -126,7 +142,7 @@ def _validate_pairs(
         extra = teacher[k][0] if len(teacher) > k else student[k][0]
         side = "teacher" if len(teacher) > k else "student"
         raise ValueError(f"parameter count mismatch: teacher has {len(teacher)} tensors, student has {len(student)}; "
-                         f"first unmatched: {side} {extra!r} (tensor #{k})")
+                         f"first unmatched: {side} {extra!r} (tensor #{k})" + _name_hint(teacher, student, k))
 
 
 def _packed_flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
