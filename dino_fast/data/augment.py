@@ -1,0 +1,328 @@
+"""Batched photometric augmentation of DINO's multi-crop, with per-sample random parameters.
+
+The official DINO ``DataAugmentationDINO`` applies, per crop and per image (on PIL images):
+
+    RandomHorizontalFlip(0.5)
+    RandomApply(ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1), p=0.8)
+        (the four adjustments in a random order)
+    RandomGrayscale(0.2)
+    GaussianBlur(p, sigma ~ U(0.1, 2.0))    p = 1.0 global crop 1, 0.1 global crop 2, 0.5 locals
+    Solarization(0.2)                       global crop 2 only; pixels >= 128 become 255 - pixel
+    ToTensor, Normalize(ImageNet mean, std)
+
+:class:`MultiCropAugment` runs the same operations on whole uint8 batches of crops (on the
+batch's device), every sample drawing its own flip, jitter factors and order, grayscale, blur
+sigma and solarization. Arithmetic is float32 in [0, 1] (torchvision's tensor semantics:
+brightness ``x*f``, contrast blends with the mean of the grayscale image, saturation blends with
+the grayscale image, hue rotates H in HSV, every step clamped to [0, 1]); the Gaussian blur is a
+separable convolution truncated at 3 sigma with replicated borders (PIL's blur is an iterated box
+approximation of the same Gaussian).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MultiCropAugment", "PhotometricParams", "rgb_to_grayscale", "adjust_hue", "gaussian_blur"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GRAY = (0.299, 0.587, 0.114)
+SOLARIZE_THRESHOLD = 128.0 / 255.0
+
+
+@dataclass
+class PhotometricParams:
+    """Random parameters of N crops (all tensors have leading dimension N, on one device).
+
+    Attributes:
+        flip: bool [N] horizontal flip.
+        jitter: bool [N] colour jitter applied.
+        factors: float32 [N, 4] brightness, contrast, saturation factors and hue shift.
+        order: int64 [N, 4] a permutation of (0 brightness, 1 contrast, 2 saturation, 3 hue).
+        gray: bool [N] converted to grayscale.
+        blur: bool [N] Gaussian blur applied.
+        sigma: float32 [N] blur standard deviation in pixels.
+        solarize: bool [N] solarized.
+    """
+
+    flip: Tensor
+    jitter: Tensor
+    factors: Tensor
+    order: Tensor
+    gray: Tensor
+    blur: Tensor
+    sigma: Tensor
+    solarize: Tensor
+
+    def to(self, device: torch.device) -> "PhotometricParams":
+        """Copy of the parameters on ``device``."""
+        return PhotometricParams(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+
+def rgb_to_grayscale(x: Tensor) -> Tensor:
+    """Luma (ITU-R 601-2, as PIL's ``convert('L')``) of float RGB ``[N, 3, H, W]`` -> ``[N, 1, H, W]``."""
+    y = x[:, 0:1] * _GRAY[0]
+    y.add_(x[:, 1:2], alpha=_GRAY[1]).add_(x[:, 2:3], alpha=_GRAY[2])
+    return y
+
+
+def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the hue of float RGB ``[N, 3, H, W]`` in [0, 1] by ``shift`` (float ``[N]``, turns).
+
+    Same result as RGB -> HSV, ``h = (h + shift) mod 1``, HSV -> RGB (torchvision's
+    ``adjust_hue`` on tensors), written as ``c = V - (V - min) * clamp(min(k, 4 - k), 0, 1)``
+    with ``k = (n + 6h) mod 6``, n = 5, 3, 1 for R, G, B: fewer passes over the pixels.
+    """
+    r, g, b = x.unbind(1)
+    maxc, argmax = x.max(1)
+    cr = maxc - x.amin(1)
+    crd = torch.where(cr == 0, 1.0, cr)
+    h6 = torch.where(argmax == 0, (g - b) / crd, torch.where(argmax == 1, (b - r) / crd + 2.0, (r - g) / crd + 4.0))
+    h6 = h6 + (6.0 * shift).to(x.dtype).view(-1, 1, 1)
+    out = torch.empty_like(x)
+    for c, n in enumerate((5.0, 3.0, 1.0)):
+        k = torch.remainder(h6 + n, 6.0)
+        t = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+        torch.addcmul(maxc, cr, t, value=-1.0, out=out[:, c])
+    return out
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor, radius: Optional[int] = None) -> Tensor:
+    """Blur each image of float ``[N, C, H, W]`` with its own sigma (float ``[N]``, pixels).
+
+    Separable Gaussian truncated at ``radius`` pixels (default ``ceil(3 * max(sigma))``),
+    replicated borders.
+    """
+    n, c, h, w = x.shape
+    if n == 0:
+        return x
+    if radius is None:
+        radius = int(torch.ceil(3.0 * sigma.max()).item())
+    radius = max(1, min(radius, max(h, w) - 1))
+    k = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    s = sigma.to(x.dtype).view(n, 1)
+    weight = torch.exp(-(k.view(1, -1) ** 2) / (2.0 * s * s))
+    weight = weight / weight.sum(1, keepdim=True)  # [N, K]
+    weight = weight.repeat_interleave(c, dim=0)  # [N*C, K]
+    y = x.reshape(1, n * c, h, w)
+    y = F.conv2d(F.pad(y, (radius, radius, 0, 0), mode="replicate"), weight.view(n * c, 1, 1, -1), groups=n * c)
+    y = F.conv2d(F.pad(y, (0, 0, radius, radius), mode="replicate"), weight.view(n * c, 1, -1, 1), groups=n * c)
+    return y.view(n, c, h, w)
+
+
+def _adjust(x: Tensor, op: int, f: Tensor) -> Tensor:
+    """One colour-jitter step ``op`` on float ``[n, 3, H, W]`` with per-sample factor ``f [n]``."""
+    fv = f.to(x.dtype).view(-1, 1, 1, 1)
+    if op == 0:  # brightness: blend with black
+        return (x * fv).clamp_(0.0, 1.0)
+    if op == 1:  # contrast: blend with the mean of the grayscale image
+        mean = rgb_to_grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+        return torch.lerp(mean.expand_as(x), x, fv).clamp_(0.0, 1.0)
+    if op == 2:  # saturation: blend with the grayscale image
+        return torch.lerp(rgb_to_grayscale(x).expand_as(x), x, fv).clamp_(0.0, 1.0)
+    return adjust_hue(x, f)
+
+
+class MultiCropAugment(nn.Module):
+    """The photometric part of DINO's augmentation on uint8 multi-crop batches (module doc).
+
+    Args:
+        local_crops_number: expected number of local crops L (checked in forward).
+        solarization_p: solarization probability of the second (and later) global crops.
+        flip_p: horizontal flip probability.
+        jitter_p: colour-jitter probability.
+        brightness, contrast, saturation: jitter strengths (factor ~ U(max(0, 1-v), 1+v)).
+        hue: hue shift ~ U(-hue, hue), 0 <= hue <= 0.5.
+        grayscale_p: grayscale probability.
+        global_blur_p: blur probability of global crop 1 and of the later global crops.
+        local_blur_p: blur probability of the local crops.
+        blur_sigma: (lo, hi) range of the blur sigma in pixels.
+        mean, std: per-channel normalisation.
+    """
+
+    def __init__(
+        self,
+        local_crops_number: int = 8,
+        *,
+        solarization_p: float = 0.2,
+        flip_p: float = 0.5,
+        jitter_p: float = 0.8,
+        brightness: float = 0.4,
+        contrast: float = 0.4,
+        saturation: float = 0.2,
+        hue: float = 0.1,
+        grayscale_p: float = 0.2,
+        global_blur_p: tuple[float, float] = (1.0, 0.1),
+        local_blur_p: float = 0.5,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        if not isinstance(local_crops_number, int) or local_crops_number < 0:
+            raise ValueError(f"local_crops_number must be an int >= 0, got {local_crops_number!r}")
+        probs = {
+            "solarization_p": solarization_p,
+            "flip_p": flip_p,
+            "jitter_p": jitter_p,
+            "grayscale_p": grayscale_p,
+            "local_blur_p": local_blur_p,
+            "global_blur_p[0]": global_blur_p[0],
+            "global_blur_p[1]": global_blur_p[1],
+        }
+        for name, p in probs.items():
+            if not isinstance(p, (int, float)) or not (0.0 <= float(p) <= 1.0):
+                raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
+        for name, v in (("brightness", brightness), ("contrast", contrast), ("saturation", saturation)):
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ValueError(f"{name} must be a float >= 0, got {v!r}")
+        if not isinstance(hue, (int, float)) or not (0.0 <= hue <= 0.5):
+            raise ValueError(f"hue must be a float in [0, 0.5], got {hue!r}")
+        lo, hi = blur_sigma
+        if not (0.0 < lo <= hi):
+            raise ValueError(f"blur_sigma must satisfy 0 < lo <= hi, got {blur_sigma!r}")
+        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std must have 3 entries, std > 0; got mean={mean!r}, std={std!r}")
+        self.local_crops_number = local_crops_number
+        self.solarization_p = float(solarization_p)
+        self.flip_p = float(flip_p)
+        self.jitter_p = float(jitter_p)
+        self.jitter_ranges = (
+            (max(0.0, 1.0 - brightness), 1.0 + brightness),
+            (max(0.0, 1.0 - contrast), 1.0 + contrast),
+            (max(0.0, 1.0 - saturation), 1.0 + saturation),
+            (-float(hue), float(hue)),
+        )
+        self.grayscale_p = float(grayscale_p)
+        self.global_blur_p = (float(global_blur_p[0]), float(global_blur_p[1]))
+        self.local_blur_p = float(local_blur_p)
+        self.blur_sigma = (float(lo), float(hi))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    # -- parameters -------------------------------------------------------------------------------
+    def sample_params(
+        self,
+        blur_p: Tensor,
+        solarize_p: Tensor,
+        *,
+        generator: Optional[torch.Generator] = None,
+        device: Optional[torch.device] = None,
+    ) -> PhotometricParams:
+        """Draw the parameters of N crops whose blur / solarization probabilities are given.
+
+        Args:
+            blur_p, solarize_p: float [N] per-crop probabilities.
+            generator: random source (its device is used), else the default generator of ``device``.
+            device: where to draw when no generator is given (default CPU).
+        """
+        n = blur_p.shape[0]
+        dev = generator.device if generator is not None else (device or torch.device("cpu"))
+        u = torch.rand((n, 10), generator=generator, device=dev)
+        order = torch.rand((n, 4), generator=generator, device=dev).argsort(dim=1)
+        lo = torch.tensor([r[0] for r in self.jitter_ranges], device=dev)
+        hi = torch.tensor([r[1] for r in self.jitter_ranges], device=dev)
+        s_lo, s_hi = self.blur_sigma
+        return PhotometricParams(
+            flip=u[:, 0] < self.flip_p,
+            jitter=u[:, 1] < self.jitter_p,
+            factors=lo + (hi - lo) * u[:, 2:6],
+            order=order,
+            gray=u[:, 6] < self.grayscale_p,
+            blur=u[:, 7] < blur_p.to(dev),
+            sigma=s_lo + (s_hi - s_lo) * u[:, 8],
+            solarize=u[:, 9] < solarize_p.to(dev),
+        )
+
+    # -- application ------------------------------------------------------------------------------
+    def apply(self, crops: Tensor, params: PhotometricParams, *, normalize: bool = True) -> Tensor:
+        """Augment uint8 ``[N, 3, H, W]`` with ``params`` (on the crops' device).
+
+        Returns float32 ``[N, 3, H, W]``: normalised with ``mean``/``std`` when ``normalize``,
+        else in [0, 1].
+        """
+        if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[1] != 3:
+            raise TypeError(f"expected uint8 crops [N, 3, H, W], got {crops.dtype} {tuple(crops.shape)}")
+        p = params.to(crops.device)
+        x = crops.to(torch.float32).mul_(1.0 / 255.0)
+        idx = p.flip.nonzero().squeeze(1)
+        if idx.numel():
+            x[idx] = x[idx].flip(-1)
+        if bool(p.jitter.any()):
+            for step in range(4):
+                for op in range(4):
+                    idx = (p.jitter & (p.order[:, step] == op)).nonzero().squeeze(1)
+                    if idx.numel():
+                        x[idx] = _adjust(x[idx], op, p.factors[idx, op])
+        idx = p.gray.nonzero().squeeze(1)
+        if idx.numel():
+            x[idx] = rgb_to_grayscale(x[idx]).expand(-1, 3, -1, -1)
+        idx = p.blur.nonzero().squeeze(1)
+        if idx.numel():
+            x[idx] = gaussian_blur(x[idx], p.sigma[idx], radius=math.ceil(3.0 * self.blur_sigma[1]))
+        idx = p.solarize.nonzero().squeeze(1)
+        if idx.numel():
+            xs = x[idx]
+            x[idx] = torch.where(xs >= SOLARIZE_THRESHOLD, 1.0 - xs, xs)
+        if normalize:
+            inv_std = 1.0 / self.std.to(x.device)
+            x = torch.addcmul(-self.mean.to(x.device) * inv_std, x, inv_std)
+        return x
+
+    def forward(
+        self, global_crops: Tensor, local_crops: Tensor, generator: Optional[torch.Generator] = None
+    ) -> list[Tensor]:
+        """Augment a multi-crop batch.
+
+        Args:
+            global_crops: uint8 ``[B, G, 3, Gs, Gs]``.
+            local_crops: uint8 ``[B, L, 3, Ls, Ls]`` with ``L == local_crops_number``.
+            generator: random source (any device); default: the global generator of the input's device.
+
+        Returns:
+            ``G + L`` float32 tensors ``[B, 3, *, *]``, normalised, crop-major (global 1,
+            global 2, ..., local 1, ...), on the input's device.
+        """
+        for name, t in (("global_crops", global_crops), ("local_crops", local_crops)):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != torch.uint8 or t.dim() != 5 or t.shape[2] != 3:
+                raise TypeError(f"{name} must be uint8 [B, N, 3, S, S], got {t.dtype} {tuple(t.shape)}")
+        b, g = global_crops.shape[:2]
+        if local_crops.shape[0] != b:
+            raise ValueError(f"global_crops and local_crops disagree on B: {b} vs {local_crops.shape[0]}")
+        if local_crops.shape[1] != self.local_crops_number:
+            raise ValueError(f"expected {self.local_crops_number} local crops, got {local_crops.shape[1]}")
+        if g < 1:
+            raise ValueError("need at least one global crop")
+        if local_crops.device != global_crops.device:
+            raise ValueError(f"global and local crops on different devices: {global_crops.device} vs {local_crops.device}")
+        dev = global_crops.device
+        out: list[Tensor] = []
+        # crop-major rows: row = crop * B + sample
+        crop_idx = torch.arange(g).repeat_interleave(b)
+        blur_p = torch.where(crop_idx == 0, self.global_blur_p[0], self.global_blur_p[1])
+        sol_p = torch.where(crop_idx == 0, 0.0, self.solarization_p)
+        params = self.sample_params(blur_p, sol_p, generator=generator, device=dev)
+        xg = self.apply(global_crops.transpose(0, 1).reshape(g * b, *global_crops.shape[2:]), params)
+        out.extend(xg.split(b))
+        ln = local_crops.shape[1]
+        if ln:
+            blur_p = torch.full((ln * b,), self.local_blur_p)
+            params = self.sample_params(blur_p, torch.zeros(ln * b), generator=generator, device=dev)
+            xl = self.apply(local_crops.transpose(0, 1).reshape(ln * b, *local_crops.shape[2:]), params)
+            out.extend(xl.split(b))
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"local_crops_number={self.local_crops_number}, flip_p={self.flip_p}, jitter_p={self.jitter_p}, "
+            f"jitter_ranges={self.jitter_ranges}, grayscale_p={self.grayscale_p}, global_blur_p={self.global_blur_p}, "
+            f"local_blur_p={self.local_blur_p}, blur_sigma={self.blur_sigma}, solarization_p={self.solarization_p}"
+        )
