@@ -26,8 +26,8 @@ needs_xformers = pytest.mark.skipif(
 @pytest.mark.parametrize("patch", [16, 8])
 @pytest.mark.parametrize("batch", [1, 5])
 def test_vit_sdpa_matches_math(img: int, patch: int, batch: int) -> None:
-    """Whole ViT-Tiny (12 blocks) with sdpa attention equals the explicit-softmax path, fp32 < 1e-5."""
-    model = vit_tiny(patch, attn_backend="sdpa").eval()
+    """ViT-Tiny (4 blocks) with sdpa attention equals the explicit-softmax path, fp32 < 1e-5."""
+    model = vit_tiny(patch, depth=4, attn_backend="sdpa").eval()
     x = torch.randn(batch, 3, img, img)
     with torch.no_grad():
         out_sdpa = model(x)
