@@ -41,6 +41,7 @@ storage (a full ``state_dict`` saves it once, as before).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -57,7 +58,7 @@ __all__ = ["TeacherEMA", "ema_update_"]
 # --------------------------------------------------------------------------------------------
 
 def _check_momentum(momentum: object) -> float:
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum must be a Python float in [0, 1], got {type(momentum).__name__}")
     m = float(momentum)
     if not (math.isfinite(m) and 0.0 <= m <= 1.0):

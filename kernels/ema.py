@@ -26,6 +26,7 @@ buffers of more than 2**31 elements are addressed correctly.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import triton
@@ -105,7 +106,7 @@ def ema_flat_(
         raise ValueError(f"teacher and student buffers must have the same dtype, got {teacher.dtype} and {student.dtype}")
     if teacher.device != student.device:
         raise ValueError(f"teacher and student buffers must be on the same device, got {teacher.device} and {student.device}")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum must be a Python float, got {type(momentum).__name__}")
     momentum = float(momentum)
     if not (math.isfinite(momentum) and 0.0 <= momentum <= 1.0):

@@ -495,8 +495,12 @@ def _ddp_worker(rank: int, world_size: int, port: int, wrap: str) -> None:
     try:
         torch.manual_seed(1234)  # identical initial weights on every rank
         teacher, student = make_pair()
-        ddp = DDP(student)
-        ema = TeacherEMA(teacher, ddp if wrap == "wrapper" else ddp.module)
+        if wrap == "ema_first":  # pack first, wrap in DDP afterwards
+            ema = TeacherEMA(teacher, student)
+            ddp = DDP(student)
+        else:
+            ddp = DDP(student)
+            ema = TeacherEMA(teacher, ddp if wrap == "wrapper" else ddp.module)
         assert ema.student is student
         opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, foreach=True)
         gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
@@ -537,7 +541,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("world_size,wrap", [(1, "wrapper"), (2, "wrapper"), (2, "module")])
+@pytest.mark.parametrize("world_size,wrap", [(1, "wrapper"), (2, "wrapper"), (2, "module"), (2, "ema_first")])
 def test_ddp_gloo(world_size: int, wrap: str) -> None:
     import torch.multiprocessing as mp
 
