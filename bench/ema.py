@@ -108,10 +108,10 @@ def _cuda_timings(teacher: nn.Module, student: nn.Module, m: float) -> dict[str,
 
     teacher, student = teacher.cuda(), student.cuda()
     tp, sp = list(teacher.parameters()), list(student.parameters())
+    tpd, spd = [t.detach() for t in tp], [s.detach() for s in sp]
     out: dict[str, Any] = {
         "reference_ms": do_bench(lambda: reference_ema_update_(tp, sp, m)),
-        "foreach_lerp_ms": do_bench(lambda: torch._foreach_lerp_([t.detach() for t in tp],
-                                                                 [s.detach() for s in sp], 1 - m)),
+        "foreach_lerp_ms": do_bench(lambda: torch._foreach_lerp_(tpd, spd, 1 - m)),
     }
     try:
         import amp_C

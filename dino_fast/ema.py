@@ -303,8 +303,8 @@ class TeacherEMA:
     After construction every teacher tensor is a view into :attr:`teacher_buffer`
     (float32, shape ``(numel,)``) and every student tensor a view into
     :attr:`student_buffer`, in ``named_parameters()`` order (then floating buffers).
-    :attr:`rebind_count` counts how often a side had to be re-packed since construction (0 in a
-    normal run, including checkpoint resume through ``load_state_dict``; 1 after ``.to(device)``).
+    :attr:`rebind_count` counts the updates that found replaced tensors and re-packed them (0 in a
+    normal run, checkpoint resume through ``load_state_dict`` included; 1 after ``.to(device)``).
 
     Raises:
         ValueError: when the architectures differ (count, shape, dtype, device), naming the first
