@@ -75,12 +75,8 @@ def load_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode == "RGB":
-                return img.copy()
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-                # composite on black, which is what dropping alpha gives for premultiplied data
-                return img.convert("RGBA").convert("RGB")
-            return img.convert("RGB")
+            # alpha is dropped, as torchvision's default loader does (``convert("RGB")``)
+            return img.copy() if img.mode == "RGB" else img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise OSError(f"cannot decode image {path!r}: {e}") from e
 
