@@ -29,14 +29,16 @@ into one buffer is invisible to the rest of training:
 Re-binding: ``update()`` checks cheaply (object identity and data pointers of every parameter,
 no device sync) that each parameter is still the view it was bound to. When a module's
 parameters were replaced (``.to(device)``, ``load_state_dict(..., assign=True)``, assigning a new
-``nn.Parameter``, ``share_memory_`` is fine as is), that side is re-packed into a new flat
-buffer, copying the current values, before the update: the teacher is never silently detached
-from the buffer the update writes. Architectures are re-validated at every re-bind.
+``nn.Parameter``), that side is re-packed into a new flat buffer, copying the current values,
+before the update: the teacher is never silently detached from the buffer the update writes.
+Architectures are re-validated at every re-bind. (``share_memory_()`` moves the one shared
+storage and keeps the views: offsets are checked relative to the buffer, so nothing is re-packed.)
 
 Caveats (documented, not hidden): create :class:`TeacherEMA` before ``torch.compile`` or CUDA
 graph capture of the student (both may have recorded the old addresses); FSDP (sharded
-parameters) is not supported; ``torch.save`` of a *single* parameter saves the whole flat
-storage (a full ``state_dict`` saves it once, as before).
+parameters) is not supported; packed parameters are contiguous row-major views (a
+``channels_last`` convolution weight becomes row-major); ``torch.save`` of a *single* parameter
+saves the whole flat storage (a full ``state_dict`` saves it once, as before).
 """
 from __future__ import annotations
 
