@@ -40,13 +40,12 @@ from torch import Tensor, nn
 
 from dino_fast._backend import check_backend, resolve_backend
 
-__all__ = ["DINOLoss", "dino_loss", "dino_loss_with_colsum", "update_center", "NonFiniteError"]
+__all__ = ["DINOLoss", "dino_loss", "dino_loss_with_colsum", "update_center", "NonFiniteError", "Workspace"]
 
 TensorOrCrops = Union[Tensor, Sequence[Tensor]]
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# Elements of one fp32 chunk buffer in the eager fast path (256 KiB): measured best among
-# 32K..512K elements on the 2-core benchmark machine (see bench/loss.py --chunks).
-CPU_CHUNK_ELEMS = 65536
+# Bytes of one (images, K) fp32 chunk buffer in the eager fast path.
+CPU_GROUP_BYTES = 1 << 20
 
 
 class NonFiniteError(ValueError):
@@ -184,11 +183,40 @@ def _combine_partials(
 # --------------------------------------------------------------------------------------------
 # Eager fast path
 # --------------------------------------------------------------------------------------------
-def _chunk_cols(rows: int, K: int) -> int:
-    """Columns per chunk: about CPU_CHUNK_ELEMS elements for the widest (rows, kc) buffer."""
-    kc = max(16, CPU_CHUNK_ELEMS // max(rows, 1))
-    kc = 1 << (kc.bit_length() - 1)  # power of two
-    return min(K, kc)
+class Workspace:
+    """Buffers of the eager fast path recycled between calls (CPU only; CUDA has its own cache).
+
+    A fresh (ncrops*B, K) gradient costs page faults on its first write (about 25 ms for 84 MB
+    on the benchmark machine, as much as the loss's arithmetic). A workspace keeps the storage
+    of the last gradient it handed out and hands it out again only when no tensor refers to it
+    any more (storage use count 1: just the workspace), so a gradient still held by the caller
+    (e.g. a leaf's ``.grad``) is never overwritten. :class:`DINOLoss` owns one.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._storages: dict[str, torch.UntypedStorage] = {}
+
+    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A contiguous tensor of ``shape``/``dtype`` on ``device`` (uninitialised)."""
+        if not self.enabled or device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        st = self._storages.get(name)
+        if st is not None and st.nbytes() == nbytes and torch._C._storage_Use_Count(st._cdata) == 1:
+            return torch.empty((0,), dtype=dtype, device=device).set_(st, 0, tuple(shape))
+        t = torch.empty(shape, dtype=dtype, device=device)
+        self._storages[name] = t.untyped_storage()
+        return t
+
+    def clear(self) -> None:
+        """Drop every cached buffer."""
+        self._storages.clear()
+
+
+def _group_images(B: int, K: int) -> int:
+    """Images per chunk of the eager fast path: one (images, K) fp32 buffer of ~CPU_GROUP_BYTES."""
+    return max(1, min(B, CPU_GROUP_BYTES // (4 * K)))
 
 
 def _math_dtype(*ts: Tensor) -> torch.dtype:
@@ -197,154 +225,141 @@ def _math_dtype(*ts: Tensor) -> torch.dtype:
 
 def _torch_forward(
     S: Tensor, T: Tensor, c: Tensor, ncrops: int, n_teacher: int, tau_s: float, tau_t: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Eager fast-path forward. S (ncrops*B, K), T (NT*B, K), c (K,).
+    out: Optional[Tensor] = None, workspace: Optional["Workspace"] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Eager fast-path forward with the gradient computed in the same pass.
 
-    Returns (loss 0-dim, lse (ncrops*B,), teacher max (NT*B,), teacher sum-exp (NT*B,),
-    column sum of T (K,)), all in fp32 (fp64 for fp64 inputs).
+    Args: S (ncrops*B, K) and T (n_teacher*B, K) with unit column stride, c (K,), ``out`` an
+    optional (ncrops*B, K) tensor of S's dtype to receive the gradient (may be S itself),
+    ``workspace`` an optional :class:`Workspace` that recycles the gradient and chunk buffers
+    between calls (see there).
+
+    Returns: loss (0-dim), colsum of T (K,), lse of S/tau_s per row (ncrops*B,), all fp32 (fp64
+    for fp64 inputs), and G = dLoss/dS for an upstream gradient of 1, in S's dtype.
+
+    Per chunk of images (a ~1 MiB buffer), per crop: y = S_v/tau_s; m = max(y); p = softmax(y)
+    (one fused aten kernel, one exp per element) written straight into the gradient rows;
+    lse = m - log(max(p)); <Q_v, y>; then G_v = |Q_v| * scale * p - scale * Q_v in one pass.
+    The teacher rows of the chunk's images are soft-maxed once and reused by all crops.
     """
     rows_s, K = S.shape
-    rows_t = T.shape[0]
     B = rows_s // ncrops
+    NT = n_teacher
     dt = _math_dtype(S, T)
-    kc = _chunk_cols(rows_s, K)
-    n = (K + kc - 1) // kc
     dev = S.device
-    smax = torch.empty((n, rows_s), dtype=dt, device=dev)
-    ssum = torch.empty((n, rows_s), dtype=dt, device=dev)
-    tmax = torch.empty((n, rows_t), dtype=dt, device=dev)
-    tsum = torch.empty((n, rows_t), dtype=dt, device=dev)
-    dots = torch.empty((n, B, ncrops, n_teacher), dtype=dt, device=dev)
-    colsum = torch.empty((K,), dtype=dt, device=dev)
-    tbuf = torch.empty((rows_t, kc), dtype=dt, device=dev)
-    sbuf = torch.empty((rows_s, kc), dtype=dt, device=dev)
-    cf = c.reshape(-1).to(dt)
+    ws = workspace if workspace is not None else Workspace(enabled=False)
+    G = ws.get("grad", S.shape, S.dtype, dev) if out is None else out
+    r = _group_images(B, K)
+    n_terms = NT * ncrops - NT
+    scale = 1.0 / (tau_s * B * n_terms)
     inv_s, inv_t = 1.0 / tau_s, 1.0 / tau_t
-    same_s = S.dtype == dt
-    for j in range(n):
-        k0 = j * kc
-        k1 = min(K, k0 + kc)
-        w = k1 - k0
-        x = tbuf[:, :w]
-        x.copy_(T[:, k0:k1])
-        torch.sum(x, 0, out=colsum[k0:k1])
-        x.sub_(cf[k0:k1]).mul_(inv_t)
-        torch.amax(x, 1, out=tmax[j])
-        x.sub_(tmax[j].unsqueeze(1)).exp_()
-        torch.sum(x, 1, out=tsum[j])
-        y = sbuf[:, :w]
-        if same_s:
-            torch.mul(S[:, k0:k1], inv_s, out=y)
-        else:
-            y.copy_(S[:, k0:k1]).mul_(inv_s)
-        # dots[j, b, v, i] = <e_i,b , y_v,b> over the chunk: batched over images
-        torch.bmm(y.view(ncrops, B, w).transpose(0, 1), x.view(n_teacher, B, w).permute(1, 2, 0), out=dots[j])
-        torch.amax(y, 1, out=smax[j])
-        y.sub_(smax[j].unsqueeze(1)).exp_()
-        torch.sum(y, 1, out=ssum[j])
-    loss, lse, TM, TZ = _combine_partials(
-        smax.t().reshape(ncrops, B, n), ssum.t().reshape(ncrops, B, n),
-        tmax.t().reshape(n_teacher, B, n), tsum.t().reshape(n_teacher, B, n),
-        dots.permute(2, 1, 3, 0), n_teacher,
-    )
-    return loss, lse, TM, TZ, colsum
-
-
-def _torch_backward(
-    grad: Tensor, S: Tensor, T: Tensor, c: Tensor, lse: Tensor, TM: Tensor, TZ: Tensor,
-    ncrops: int, n_teacher: int, tau_s: float, tau_t: float, out: Optional[Tensor] = None,
-) -> Tensor:
-    """Eager fast-path gradient dL/dS (ncrops*B, K) in S's dtype, written into ``out`` if given.
-
-    ``grad`` is the 0-dim upstream gradient; lse/TM/TZ are the forward's per-row statistics.
-    """
-    rows_s, K = S.shape
-    rows_t = T.shape[0]
-    B = rows_s // ncrops
-    dt = _math_dtype(S, T)
-    kc = _chunk_cols(rows_s, K)
-    dS = torch.empty_like(S, memory_format=torch.contiguous_format) if out is None else out
-    dev = S.device
-    tbuf = torch.empty((rows_t, kc), dtype=dt, device=dev)
-    sbuf = torch.empty((rows_s, kc), dtype=dt, device=dev)
-    qbuf = torch.empty((B, kc), dtype=dt, device=dev)
+    S3 = S.unflatten(0, (ncrops, B))
+    T3 = T.unflatten(0, (NT, B))
+    G3 = G.unflatten(0, (ncrops, B))
+    colsum = T.sum(0, dtype=dt)
     cf = c.reshape(-1).to(dt)
-    n_terms = n_teacher * ncrops - n_teacher
-    gscale = grad.to(dt) / (tau_s * B * n_terms)
-    inv_s, inv_t = 1.0 / tau_s, 1.0 / tau_t
-    tm = TM.to(dt).unsqueeze(1)
-    tzinv = TZ.to(dt).reciprocal().unsqueeze(1)
-    lse_ = lse.to(dt).unsqueeze(1)
+    tflat = ws.get("t", (NT * r * K,), dt, dev)
+    yflat = ws.get("y", (r * K,), dt, dev)
+    Qflat = ws.get("Q", (r * K,), dt, dev) if ncrops > NT else None
+    pflat = ws.get("p", (r * K,), dt, dev) if G.dtype != dt else None
+    oflat = ws.get("o", (r * K,), dt, dev) if NT > 2 else None
+    lse = torch.zeros((ncrops, B), dtype=dt, device=dev)
+    dots = torch.zeros((ncrops, B), dtype=dt, device=dev)
     same_s = S.dtype == dt
-    for k0 in range(0, K, kc):
-        k1 = min(K, k0 + kc)
-        w = k1 - k0
-        q = tbuf[:, :w]
-        q.copy_(T[:, k0:k1])
-        q.sub_(cf[k0:k1]).mul_(inv_t).sub_(tm).exp_().mul_(tzinv)
-        q3 = q.view(n_teacher, B, w)
-        p = sbuf[:, :w]
-        if same_s:
-            torch.mul(S[:, k0:k1], inv_s, out=p)
-        else:
-            p.copy_(S[:, k0:k1]).mul_(inv_s)
-        p.sub_(lse_).exp_()
-        p3 = p.view(ncrops, B, w)
-        if ncrops > n_teacher:
-            Q = qbuf[:, :w]
-            torch.sum(q3, 0, out=Q)
-            p3[n_teacher:].mul_(n_teacher).sub_(Q)
-        for v in range(n_teacher):
-            # Q_v = sum_{i != v} q_i, summed exactly (no cancellation from "all minus q_v")
-            others = [i for i in range(n_teacher) if i != v]
-            if not others:
-                p3[v].zero_()
-                continue
-            if len(others) == 1:
-                Qv = q3[others[0]]
+    # fp32: logits more than `floor` below their row max are raised to max - floor before the
+    # softmax, so that no probability (nor probability times `scale`) is subnormal: subnormal
+    # arithmetic is 2-4x slower on x86 and such probabilities are below 1e-25 of the row's mass
+    # (the effect on the loss and on the gradient's norm is < 1e-20 relative). fp64 needs none.
+    floor: Optional[float] = None
+    if dt == torch.float32:
+        floor = max(30.0, 87.0 - math.log(K) - max(0.0, math.log(1.0 / scale)) - 3.0)
+    for b0 in range(0, B, r):
+        b1 = min(B, b0 + r)
+        w = b1 - b0
+        q = tflat[: NT * w * K].view(NT, w, K)
+        torch.sub(T3[:, b0:b1], cf, out=q)
+        q.mul_(inv_t)
+        if floor is not None:
+            torch.maximum(q, q.amax(-1, keepdim=True).sub_(floor), out=q)
+        torch.ops.aten._softmax.out(q, -1, False, out=q)
+        q.mul_(-scale)                                        # q <- -scale * q_i
+        Qn = None
+        if Qflat is not None:
+            Qn = Qflat[: w * K].view(w, K)
+            torch.sum(q, 0, out=Qn)                           # -scale * sum_i q_i
+        y = yflat[: w * K].view(w, K)
+        for v in range(ncrops):
+            g_rows = G3[v, b0:b1]
+            if v < NT:
+                others = [i for i in range(NT) if i != v]
+                if not others:                                # n_teacher = 1: crop 0 has no term
+                    g_rows.zero_()
+                    continue
+                if len(others) == 1:
+                    Qv = q[others[0]]
+                else:                                         # summed exactly, no "all - q_v"
+                    Qv = oflat[: w * K].view(w, K)
+                    torch.sum(q[others], 0, out=Qv)
+                nq = NT - 1
             else:
-                Qv = qbuf[:, :w]
-                torch.sum(q3[others], 0, out=Qv)
-            p3[v].mul_(n_teacher - 1).sub_(Qv)
-        p.mul_(gscale)
-        dS[:, k0:k1].copy_(p)
-    return dS
+                Qv, nq = Qn, NT
+            if same_s:
+                torch.mul(S3[v, b0:b1], inv_s, out=y)
+            else:
+                y.copy_(S3[v, b0:b1]).mul_(inv_s)
+            m = lse[v, b0:b1]
+            torch.amax(y, 1, out=m)
+            if floor is not None:
+                torch.maximum(y, (m - floor).unsqueeze(1), out=y)
+            torch.linalg.vecdot(y, Qv, out=dots[v, b0:b1])   # -scale * <Q_v, y>
+            p = g_rows if pflat is None else pflat[: w * K].view(w, K)
+            torch.ops.aten._softmax.out(y, -1, False, out=p)
+            m.sub_(p.amax(1).log_())                          # lse = max - log(max softmax)
+            torch.add(Qv, p, alpha=nq * scale, out=g_rows)
+    v = torch.arange(ncrops, device=dev)
+    nq_v = (NT - (v < NT).to(torch.int64)).to(dt)
+    loss = ((nq_v.unsqueeze(1) * lse).sum() + dots.sum() / scale) / (B * n_terms)
+    return loss, colsum, lse.reshape(-1), G
 
 
 # --------------------------------------------------------------------------------------------
-# torch.library custom ops (what autograd and torch.compile see)
+# Dispatch to the implementations; autograd (eager) and torch.library custom ops (compile)
 # --------------------------------------------------------------------------------------------
 def _impl_forward(impl: str, S: Tensor, T: Tensor, c: Tensor, ncrops: int, n_teacher: int,
-                  tau_s: float, tau_t: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  tau_s: float, tau_t: float, inplace: bool = False, workspace: Optional[Workspace] = None,
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, colsum, lse, teacher max, teacher sum-exp, G). The Triton path returns an empty G
+    (it recomputes the gradient in the backward); the torch path empty teacher statistics."""
     if impl == "triton":
         from dino_fast.kernels.dino_loss import dino_loss_forward_triton
 
-        return dino_loss_forward_triton(S, T, c, ncrops=ncrops, n_teacher=n_teacher,
-                                        student_temp=tau_s, teacher_temp=tau_t)
+        loss, lse, TM, TZ, colsum = dino_loss_forward_triton(
+            S, T, c, ncrops=ncrops, n_teacher=n_teacher, student_temp=tau_s, teacher_temp=tau_t)
+        return loss, colsum, lse, TM, TZ, S.new_empty((0,))
     if impl == "torch":
-        return _torch_forward(S, T, c, ncrops, n_teacher, tau_s, tau_t)
+        loss, colsum, lse, G = _torch_forward(S, T, c, ncrops, n_teacher, tau_s, tau_t,
+                                              out=S if inplace else None, workspace=workspace)
+        empty = lse.new_empty((0,))
+        return loss, colsum, lse, empty, empty.clone(), G
     raise ValueError(f"impl must be 'triton' or 'torch', got {impl!r}")
 
 
-def _impl_backward(impl: str, grad: Tensor, S: Tensor, T: Tensor, c: Tensor, lse: Tensor, TM: Tensor,
-                   TZ: Tensor, ncrops: int, n_teacher: int, tau_s: float, tau_t: float,
-                   out: Optional[Tensor] = None) -> Tensor:
-    if impl == "triton":
-        from dino_fast.kernels.dino_loss import dino_loss_backward_triton
+def _triton_backward(grad: Tensor, S: Tensor, T: Tensor, c: Tensor, lse: Tensor, TM: Tensor, TZ: Tensor,
+                     ncrops: int, n_teacher: int, tau_s: float, tau_t: float,
+                     out: Optional[Tensor] = None) -> Tensor:
+    from dino_fast.kernels.dino_loss import dino_loss_backward_triton
 
-        return dino_loss_backward_triton(grad, S, T, c, lse, TM, TZ, ncrops=ncrops, n_teacher=n_teacher,
-                                         student_temp=tau_s, teacher_temp=tau_t, out=out)
-    if impl == "torch":
-        return _torch_backward(grad, S, T, c, lse, TM, TZ, ncrops, n_teacher, tau_s, tau_t, out=out)
-    raise ValueError(f"impl must be 'triton' or 'torch', got {impl!r}")
+    return dino_loss_backward_triton(grad, S, T, c, lse, TM, TZ, ncrops=ncrops, n_teacher=n_teacher,
+                                     student_temp=tau_s, teacher_temp=tau_t, out=out)
 
 
 @torch.library.custom_op("dino_fast::dino_loss_fwd", mutates_args=())
 def _dino_loss_fwd_op(student: Tensor, teacher: Tensor, center: Tensor, ncrops: int, n_teacher: int,
                       student_temp: float, teacher_temp: float, impl: str
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fused forward: (loss, lse (ncrops*B,), teacher max (NT*B,), teacher sum-exp (NT*B,), colsum (K,))."""
-    return _impl_forward(impl, student, teacher, center, ncrops, n_teacher, student_temp, teacher_temp)
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward: (loss, colsum (K,), lse (ncrops*B,), teacher max, teacher sum-exp, G)."""
+    out = _impl_forward(impl, student, teacher, center, ncrops, n_teacher, student_temp, teacher_temp)
+    return tuple(t if t is not student else t.clone() for t in out)  # type: ignore[return-value]
 
 
 @_dino_loss_fwd_op.register_fake
@@ -352,68 +367,86 @@ def _(student, teacher, center, ncrops, n_teacher, student_temp, teacher_temp, i
     dt = _math_dtype(student, teacher)
     rows_s, K = student.shape
     new = student.new_empty
-    return (new((), dtype=dt), new((rows_s,), dtype=dt), new((teacher.shape[0],), dtype=dt),
-            new((teacher.shape[0],), dtype=dt), new((K,), dtype=dt))
+    rows_t = teacher.shape[0] if impl == "triton" else 0
+    G = (new((0,)) if impl == "triton"
+         else torch.empty_like(student, memory_format=torch.contiguous_format))
+    return (new((), dtype=dt), new((K,), dtype=dt), new((rows_s,), dtype=dt), new((rows_t,), dtype=dt),
+            new((rows_t,), dtype=dt), G)
 
 
 @torch.library.custom_op("dino_fast::dino_loss_bwd", mutates_args=())
 def _dino_loss_bwd_op(grad: Tensor, student: Tensor, teacher: Tensor, center: Tensor, lse: Tensor,
-                      tmax: Tensor, tsum: Tensor, ncrops: int, n_teacher: int, student_temp: float,
-                      teacher_temp: float, impl: str) -> Tensor:
+                      tmax: Tensor, tsum: Tensor, G: Tensor, ncrops: int, n_teacher: int,
+                      student_temp: float, teacher_temp: float, impl: str) -> Tensor:
     """Fused backward: dL/dS (ncrops*B, K) in the student's dtype."""
-    return _impl_backward(impl, grad, student, teacher, center, lse, tmax, tsum, ncrops, n_teacher,
-                          student_temp, teacher_temp)
+    if impl == "torch":
+        return G * grad.to(G.dtype)
+    return _triton_backward(grad, student, teacher, center, lse, tmax, tsum, ncrops, n_teacher,
+                            student_temp, teacher_temp)
 
 
 @_dino_loss_bwd_op.register_fake
-def _(grad, student, teacher, center, lse, tmax, tsum, ncrops, n_teacher, student_temp, teacher_temp, impl):
+def _(grad, student, teacher, center, lse, tmax, tsum, G, ncrops, n_teacher, student_temp, teacher_temp, impl):
     return torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output) -> None:
     student, teacher, center, ncrops, n_teacher, tau_s, tau_t, impl = inputs
-    _, lse, tmax, tsum, _ = output
-    ctx.save_for_backward(student, teacher, center, lse, tmax, tsum)
+    _, _, lse, tmax, tsum, G = output
+    ctx.save_for_backward(student, teacher, center, lse, tmax, tsum, G)
     ctx.args = (ncrops, n_teacher, tau_s, tau_t, impl)
 
 
-def _backward(ctx, g_loss, g_lse, g_tmax, g_tsum, g_colsum):
-    student, teacher, center, lse, tmax, tsum = ctx.saved_tensors
+def _backward(ctx, g_loss, g_colsum, g_lse, g_tmax, g_tsum, g_G):
+    student, teacher, center, lse, tmax, tsum, G = ctx.saved_tensors
     dS = None
     if ctx.needs_input_grad[0]:
         if g_loss is None:
             g_loss = lse.new_zeros(())
-        dS = torch.ops.dino_fast.dino_loss_bwd(g_loss, student, teacher, center, lse, tmax, tsum, *ctx.args)
+        dS = torch.ops.dino_fast.dino_loss_bwd(g_loss, student, teacher, center, lse, tmax, tsum, G, *ctx.args)
     return dS, None, None, None, None, None, None, None
 
 
 _dino_loss_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _InplaceGradFunction(torch.autograd.Function):
-    """Eager-only autograd Function whose backward writes dL/dS into S's own storage (opt-in).
+class _FusedDINOLoss(torch.autograd.Function):
+    """Eager autograd Function over the fused implementations (what runs outside torch.compile).
 
-    Saves memory (no separate gradient buffer), but S must not be needed by anything else after
-    the backward: if an upstream op saved S for its own backward, that backward sees dS instead
-    of S and silently computes garbage. Not traceable by torch.compile.
+    torch path: the gradient is computed in the forward (it costs one more pass there, against
+    a whole second softmax in the backward); the backward returns it, scaled in place by the
+    upstream gradient when that is not exactly 1 (a second backward through the same graph then
+    raises). Triton path: the backward kernel recomputes the softmaxes from the saved per-row
+    statistics. ``inplace``: the gradient goes into S's own storage (opt-in; see dino_loss).
     """
 
     @staticmethod
-    def forward(ctx, S, T, c, ncrops, n_teacher, tau_s, tau_t, impl):  # noqa: D102
-        loss, lse, TM, TZ, colsum = _impl_forward(impl, S, T, c, ncrops, n_teacher, tau_s, tau_t)
-        ctx.save_for_backward(S, T, c, lse, TM, TZ)
-        ctx.args = (ncrops, n_teacher, tau_s, tau_t)
-        ctx.impl = impl
+    def forward(ctx, S, T, c, ncrops, n_teacher, tau_s, tau_t, impl, inplace, workspace):  # noqa: D102
+        loss, colsum, lse, TM, TZ, G = _impl_forward(impl, S, T, c, ncrops, n_teacher, tau_s, tau_t, inplace,
+                                                     workspace)
+        ctx.impl, ctx.inplace, ctx.args, ctx.scaled = impl, inplace, (ncrops, n_teacher, tau_s, tau_t), False
+        if impl == "torch":
+            ctx.save_for_backward(G)
+        else:
+            ctx.save_for_backward(S, T, c, lse, TM, TZ)
         ctx.mark_non_differentiable(colsum)
         return loss, colsum
 
     @staticmethod
     def backward(ctx, g_loss, g_colsum):  # noqa: D102
+        if ctx.impl == "torch":
+            (G,) = ctx.saved_tensors
+            if G.device.type == "cpu" and float(g_loss) == 1.0:
+                return G, None, None, None, None, None, None, None, None, None
+            if ctx.scaled:
+                raise RuntimeError("the fused DINO loss (torch backend) computes its gradient in the forward and "
+                                   "scales it in place: a second backward through the same graph with an upstream "
+                                   "gradient other than 1 is not supported; run the forward again")
+            ctx.scaled = True
+            return G.mul_(g_loss.to(G.dtype)), None, None, None, None, None, None, None, None, None
         S, T, c, lse, TM, TZ = ctx.saved_tensors
-        if S.stride(-1) != 1:
-            raise RuntimeError("inplace_grad needs a student tensor with unit column stride")
-        dS = _impl_backward(ctx.impl, g_loss, S, T, c, lse, TM, TZ, *ctx.args, out=S)
-        return dS, None, None, None, None, None, None, None
+        dS = _triton_backward(g_loss, S, T, c, lse, TM, TZ, *ctx.args, out=S if ctx.inplace else None)
+        return dS, None, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,10 +463,12 @@ def dino_loss_with_colsum(
     backend: str = "auto",
     n_teacher: int = 2,
     inplace_grad: bool = False,
+    workspace: Optional[Workspace] = None,
 ) -> tuple[Tensor, Tensor]:
     """The loss and the teacher column sum from one fused pass (no second read of T).
 
-    Same arguments as :func:`dino_loss`. Returns ``(loss, colsum)``: loss a 0-dim fp32 tensor
+    Same arguments as :func:`dino_loss`, plus ``workspace``: a :class:`Workspace` that recycles
+    the eager fast path's gradient and chunk buffers between calls (CPU). Returns ``(loss, colsum)``: loss a 0-dim fp32 tensor
     (the input dtype for ``backend="reference"``, fp64 for fp64 inputs), colsum the (K,) fp32
     sum over the teacher rows of the raw teacher logits (for :func:`update_center`'s formula).
     """
@@ -454,10 +489,12 @@ def dino_loss_with_colsum(
     if T.stride(-1) != 1:
         T = T.contiguous()
     c = c.to(torch.float64 if c.dtype == torch.float64 else torch.float32).contiguous()
-    if inplace_grad:
-        return _InplaceGradFunction.apply(S, T, c, ncrops, n_teacher, tau_s, tau_t, impl)
-    loss, _, _, _, colsum = torch.ops.dino_fast.dino_loss_fwd(S, T, c, ncrops, n_teacher, tau_s, tau_t, impl)
-    return loss, colsum
+    if torch.compiler.is_compiling():
+        if inplace_grad:
+            raise ValueError("inplace_grad=True is eager-only; it cannot be traced by torch.compile")
+        loss, colsum = torch.ops.dino_fast.dino_loss_fwd(S, T, c, ncrops, n_teacher, tau_s, tau_t, impl)[:2]
+        return loss, colsum
+    return _FusedDINOLoss.apply(S, T, c, ncrops, n_teacher, tau_s, tau_t, impl, bool(inplace_grad), workspace)
 
 
 def dino_loss(
@@ -602,6 +639,7 @@ class DINOLoss(nn.Module):
         ))
         self._temps = [float(t) for t in self.teacher_temp_schedule]
         self._pending: Optional[tuple[object, Tensor, int]] = None
+        self._workspace = Workspace()
         self.register_state_dict_pre_hook(lambda module, prefix, keep_vars: module.flush_center())
 
     def teacher_temp_at(self, epoch: int) -> float:
@@ -628,7 +666,7 @@ class DINOLoss(nn.Module):
         T = _as_2d(teacher_output, "teacher_output")
         loss, colsum = dino_loss_with_colsum(
             student_output, T, self.center, ncrops=self.ncrops, student_temp=self.student_temp,
-            teacher_temp=temp, backend=self.backend, n_teacher=self.n_teacher,
+            teacher_temp=temp, backend=self.backend, n_teacher=self.n_teacher, workspace=self._workspace,
         )
         self._update_center(colsum, T.shape[0])
         return loss
