@@ -154,14 +154,19 @@ def _validate_seqlens(seqlens: Sequence[int], total: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _block_diagonal_mask(seqlens: tuple[int, ...]) -> Any:
-    """xformers ``BlockDiagonalMask`` for ``seqlens``, checked against the lengths it was built from."""
+def _block_diagonal_mask(seqlens: tuple[int, ...], device: torch.device) -> Any:
+    """xformers ``BlockDiagonalMask`` for ``seqlens`` (its sequence starts on ``device`` where the
+    installed xformers accepts one), checked against the lengths it was built from. Cached: the
+    crop layout is the same every step."""
     xops, reason = _xformers_import()
     if xops is None:
         raise ValueError(f"a block-diagonal mask needs xformers but {reason}")
     from xformers.ops.fmha.attn_bias import BlockDiagonalMask
 
-    mask = BlockDiagonalMask.from_seqlens(list(seqlens))
+    try:
+        mask = BlockDiagonalMask.from_seqlens(list(seqlens), device=device)
+    except TypeError:  # xformers < 0.0.24 has no device argument
+        mask = BlockDiagonalMask.from_seqlens(list(seqlens))
     starts = getattr(getattr(mask, "q_seqinfo", None), "seqstart_py", None)
     if starts is not None:
         expected = [0]
@@ -210,7 +215,7 @@ def packed_attention(
             raise ValueError(f"packed attention with backend 'xformers' needs xformers but {reason}")
         if q.device.type != "cuda":
             raise ValueError(f"packed attention with backend 'xformers' needs CUDA tensors, got {q.device.type}")
-        mask = _block_diagonal_mask(tuple(lens))
+        mask = _block_diagonal_mask(tuple(lens), q.device)
         return xops.memory_efficient_attention(q, k, v, attn_bias=mask, p=dropout_p, scale=scale)
     if backend not in ("sdpa", "math"):
         raise ValueError(f"packed attention backend must be 'xformers', 'sdpa' or 'math', got {backend!r}")
