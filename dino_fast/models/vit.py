@@ -19,7 +19,6 @@ with the attention computed by a selectable backend (:mod:`dino_fast.models.atte
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -27,8 +26,6 @@ import torch
 from torch import nn
 
 from .attention import Attention, check_attn_backend, resolve_attn_backend
-
-logger = logging.getLogger(__name__)
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
