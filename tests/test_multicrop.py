@@ -134,3 +134,18 @@ def test_fused_block_diagonal_wrapper_matches_grouped_on_cuda() -> None:
     crops = _crops(B, device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(fused(crops), grouped(crops), rtol=0, atol=1e-4)
+
+
+def test_wrapper_keys_match_official_full_checkpoint_layout() -> None:
+    """Official full checkpoints hold the DDP-wrapped MultiCropWrapper: ``module.backbone.*`` and
+    ``module.head.*``; without the ``module.`` prefix they load strict into ours."""
+    model = _model(depth=2)
+    src = _model(depth=2)
+    official = {f"module.{k}": v.clone() for k, v in src.state_dict().items()}
+    assert {k.split(".")[1] for k in official} == {"backbone", "head"}
+    assert "module.backbone.blocks.1.attn.qkv.weight" in official
+    assert "module.head.last_layer.weight_v" in official
+    model.load_state_dict({k.removeprefix("module."): v for k, v in official.items()}, strict=True)
+    x = [torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), src.eval()(x), rtol=0, atol=0)
