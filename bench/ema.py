@@ -249,8 +249,9 @@ def run(quick: bool = False, threads: Optional[int] = None) -> dict[str, Any]:
         verdict += " (UNRELIABLE: machine loaded by other processes during the run)"
     print(f"\nbar: >= {BAR_VIT_S:.0f}x over the reference on CPU at ViT-S/16 + head: "
           f"{vs['cpu_speedup_vs_reference']:.2f}x (per-round range {vs['cpu_speedup_min_max'][0]:.2f}-"
-          f"{vs['cpu_speedup_min_max'][1]:.2f}x, {vs['cpu_rounds']} rounds) -> {verdict} (ours {vs['cpu_ours_ms']:.2f} ms vs copy_ of the "
-          f"same buffer {vs['cpu_copy_floor_ms']:.2f} ms on this machine)")
+          f"{vs['cpu_speedup_min_max'][1]:.2f}x, {vs['cpu_rounds']} rounds) -> {verdict}\n"
+          f"ours {vs['cpu_ours_ms']:.2f} ms vs a copy_ of the same buffer {vs['cpu_copy_floor_ms']:.2f} ms "
+          "on this machine (the memory-bandwidth floor)")
     print(f"load average before the run (1/5/15 min): {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}")
     print(f"load average during the run (1/5/15 min): {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} "
           f"on {os.cpu_count()} CPUs")

@@ -103,9 +103,11 @@ def ema_flat_(
         raise ValueError(f"teacher and student buffers must have the same shape, got {tuple(teacher.shape)} "
                          f"and {tuple(student.shape)}")
     if teacher.dtype != student.dtype:
-        raise ValueError(f"teacher and student buffers must have the same dtype, got {teacher.dtype} and {student.dtype}")
+        raise ValueError(f"teacher and student buffers must have the same dtype, got {teacher.dtype} "
+                         f"and {student.dtype}")
     if teacher.device != student.device:
-        raise ValueError(f"teacher and student buffers must be on the same device, got {teacher.device} and {student.device}")
+        raise ValueError(f"teacher and student buffers must be on the same device, got {teacher.device} "
+                         f"and {student.device}")
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum must be a Python float, got {type(momentum).__name__}")
     momentum = float(momentum)
