@@ -27,8 +27,11 @@ backward reads S and T once and writes dS once. Total about (2*|S| + 2*|T| + |dS
 floor |S| + |T| + |dS|: 1.55x at 2+10 crops (22 units of B*K*E floor, 34 moved).
 No (rows, K) temporary is created besides the gradient.
 
-Tiles: BLOCK_K = 2048 columns for NT <= 2 (the teacher tile is (NT_P2, BLOCK_K) in registers;
-BLOCK_K shrinks as NT grows so that NT_P2 * BLOCK_K <= 4096), 8 warps; 8 images per program.
+Tiles (:func:`launch_config`): forward BLOCK_K = 2048 columns, gradient BLOCK_K = 1024 for
+NT <= 2 (the teacher tile (NT_P2, BLOCK_K) is held in registers while the crops stream by, so
+BLOCK_K shrinks as NT grows), 4 warps, 8 images per program: for B=64, K=65536 that is 256
+forward and 512 gradient programs, each streaming 8 x (2 + ncrops) row tiles; 0 spills on
+sm_80 and sm_90. (Whole 65536-column rows, or 4096-column tiles with the teacher tile, spill.)
 """
 from __future__ import annotations
 
@@ -116,38 +119,58 @@ def _dino_bwd_kernel(
         tzinv = tl.load(TZINV + trow, mask=tvalid, other=0.0)
         x = tl.where(mask2, (t - c[None, :]) * inv_tau_t, float("-inf"))
         q = tl.exp(x - tm[:, None]) * tzinv[:, None]                      # (NT_P2, BLOCK_K)
-        for v in range(0, NCROPS):
-            srow = v * B + b
-            s = tl.load(S + srow.to(tl.int64) * stride_s + cols, mask=cmask, other=0.0).to(tl.float32)
-            lse = tl.load(LSE + srow)
-            p = tl.exp(s * inv_tau_s - lse)
-            qv = tl.sum(tl.where(ti[:, None] != v, q, 0.0), axis=0)        # Q_v, summed exactly
-            nq = NTEACH - (v < NTEACH).to(tl.int32)
-            dsv = (nq.to(tl.float32) * p - qv) * g
-            tl.store(G + srow.to(tl.int64) * stride_g + cols, dsv.to(G.dtype.element_ty), mask=cmask)
+        # teacher crops: Q_v = sum of the other teachers' q, summed exactly (no "all - q_v")
+        for v in range(0, NTEACH):
+            qv = tl.sum(tl.where(ti[:, None] != v, q, 0.0), axis=0)
+            _grad_row(S, G, LSE, v * B + b, cols, cmask, stride_s, stride_g, qv,
+                      (NTEACH - 1).to(tl.float32), inv_tau_s, g)
+        # other crops: Q_v = sum of all teachers' q, the same for every such crop
+        qall = tl.sum(q, axis=0)
+        for v in range(NTEACH, NCROPS):
+            _grad_row(S, G, LSE, v * B + b, cols, cmask, stride_s, stride_g, qall,
+                      NTEACH.to(tl.float32), inv_tau_s, g)
+
+
+@triton.jit
+def _grad_row(S, G, LSE, srow, cols, cmask, stride_s, stride_g, qv, nq, inv_tau_s, g):
+    """dS row tile = g * (nq * softmax(S_row / tau_s) - Q_v) (g already holds 1/(tau_s B n_terms))."""
+    s = tl.load(S + srow.to(tl.int64) * stride_s + cols, mask=cmask, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + srow)
+    p = tl.exp(s * inv_tau_s - lse)
+    dsv = (nq * p - qv) * g
+    tl.store(G + srow.to(tl.int64) * stride_g + cols, dsv.to(G.dtype.element_ty), mask=cmask)
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    """Tile sizes and grid the launchers use for given (B, K, n_teacher)."""
+    """Tile sizes and grids the launchers use for given (B, K, n_teacher).
 
-    block_k: int
+    Forward: grid (fwd_tiles, n_groups), BLOCK_K = fwd_block_k. Backward: grid (bwd_tiles,
+    n_groups), BLOCK_K = bwd_block_k. Both with ``num_warps`` warps and ``imgs_per_group``
+    images per program. Chosen so that neither kernel spills on sm_80 or sm_90 (see
+    tests/test_kernel_dino_loss.py): the teacher tile (NT_P2, BLOCK_K) stays in registers.
+    """
+
+    fwd_block_k: int
+    bwd_block_k: int
     nt_p2: int
     num_warps: int
     imgs_per_group: int
-    n_tiles: int
+    fwd_tiles: int
+    bwd_tiles: int
     n_groups: int
 
 
 def launch_config(B: int, K: int, n_teacher: int) -> LaunchConfig:
     """The launch configuration for B images, K columns and ``n_teacher`` teacher crops."""
     nt_p2 = triton.next_power_of_2(n_teacher)
-    block_k = max(128, 4096 // nt_p2)
-    block_k = min(block_k, max(16, triton.next_power_of_2(K)))
-    num_warps = 8 if block_k >= 2048 else 4
+    kmax = max(16, triton.next_power_of_2(K))
+    fwd = min(max(128, 4096 // nt_p2), kmax)
+    bwd = min(max(64, 2048 // nt_p2), kmax)
     imgs = min(IMAGES_PER_PROGRAM, B)
-    return LaunchConfig(block_k=block_k, nt_p2=nt_p2, num_warps=num_warps, imgs_per_group=imgs,
-                        n_tiles=triton.cdiv(K, block_k), n_groups=triton.cdiv(B, imgs))
+    return LaunchConfig(fwd_block_k=fwd, bwd_block_k=bwd, nt_p2=nt_p2, num_warps=4, imgs_per_group=imgs,
+                        fwd_tiles=triton.cdiv(K, fwd), bwd_tiles=triton.cdiv(K, bwd),
+                        n_groups=triton.cdiv(B, imgs))
 
 
 def _check(S: torch.Tensor, T: torch.Tensor, c: torch.Tensor, ncrops: int, n_teacher: int,
@@ -199,7 +222,7 @@ def dino_loss_forward_triton(
 
     cfg = launch_config(B, K, n_teacher)
     f32 = dict(dtype=torch.float32, device=S.device)
-    n = cfg.n_tiles
+    n = cfg.fwd_tiles
     smax = torch.empty((ncrops * B, n), **f32)
     ssum = torch.empty((ncrops * B, n), **f32)
     tmax = torch.empty((n_teacher * B, n), **f32)
@@ -210,7 +233,7 @@ def dino_loss_forward_triton(
         S, T, c, smax, ssum, tmax, tsum, dots, colsum_part,
         B, K, ncrops, n_teacher, S.stride(0), T.stride(0), n, cfg.imgs_per_group,
         1.0 / student_temp, 1.0 / teacher_temp,
-        BLOCK_K=cfg.block_k, NT_P2=cfg.nt_p2, num_warps=cfg.num_warps,
+        BLOCK_K=cfg.fwd_block_k, NT_P2=cfg.nt_p2, num_warps=cfg.num_warps,
     )
     loss, lse, TM, TZ = _combine_partials(
         smax.view(ncrops, B, n), ssum.view(ncrops, B, n), tmax.view(n_teacher, B, n),
@@ -244,11 +267,11 @@ def dino_loss_backward_triton(
                          f"got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
     cfg = launch_config(B, K, n_teacher)
     n_terms = n_teacher * ncrops - n_teacher
-    _dino_bwd_kernel[(cfg.n_tiles, cfg.n_groups)](
+    _dino_bwd_kernel[(cfg.bwd_tiles, cfg.n_groups)](
         S, T, c, out, grad.reshape(()).contiguous(), lse.contiguous(), tmax.contiguous(),
         tsum.reciprocal(),
         B, K, ncrops, n_teacher, S.stride(0), T.stride(0), out.stride(0), cfg.imgs_per_group,
         1.0 / student_temp, 1.0 / teacher_temp, 1.0 / (student_temp * B * n_terms),
-        BLOCK_K=cfg.block_k, NT_P2=cfg.nt_p2, num_warps=cfg.num_warps,
+        BLOCK_K=cfg.bwd_block_k, NT_P2=cfg.nt_p2, num_warps=cfg.num_warps,
     )
     return out
