@@ -416,7 +416,7 @@ class _FusedDINOLoss(torch.autograd.Function):
     torch path: the gradient is computed in the forward (it costs one more pass there, against
     a whole second softmax in the backward); the backward returns it, scaled in place by the
     upstream gradient when that is not exactly 1 (a second backward through the same graph then
-    raises). Triton path: the backward kernel recomputes the softmaxes from the saved per-row
+    raises autograd's "modified by an inplace operation" RuntimeError). Triton path: the backward kernel recomputes the softmaxes from the saved per-row
     statistics. ``inplace``: the gradient goes into S's own storage (opt-in; see dino_loss).
     """
 
@@ -424,7 +424,7 @@ class _FusedDINOLoss(torch.autograd.Function):
     def forward(ctx, S, T, c, ncrops, n_teacher, tau_s, tau_t, impl, inplace, workspace):  # noqa: D102
         loss, colsum, lse, TM, TZ, G = _impl_forward(impl, S, T, c, ncrops, n_teacher, tau_s, tau_t, inplace,
                                                      workspace)
-        ctx.impl, ctx.inplace, ctx.args, ctx.scaled = impl, inplace, (ncrops, n_teacher, tau_s, tau_t), False
+        ctx.impl, ctx.inplace, ctx.args = impl, inplace, (ncrops, n_teacher, tau_s, tau_t)
         if impl == "torch":
             ctx.save_for_backward(G)
         else:
@@ -438,11 +438,8 @@ class _FusedDINOLoss(torch.autograd.Function):
             (G,) = ctx.saved_tensors
             if G.device.type == "cpu" and float(g_loss) == 1.0:
                 return G, None, None, None, None, None, None, None, None, None
-            if ctx.scaled:
-                raise RuntimeError("the fused DINO loss (torch backend) computes its gradient in the forward and "
-                                   "scales it in place: a second backward through the same graph with an upstream "
-                                   "gradient other than 1 is not supported; run the forward again")
-            ctx.scaled = True
+            # scaled in place: a second backward through this graph (retain_graph=True) then fails
+            # autograd's saved-tensor version check with a RuntimeError instead of a wrong result
             return G.mul_(g_loss.to(G.dtype)), None, None, None, None, None, None, None, None, None
         S, T, c, lse, TM, TZ = ctx.saved_tensors
         dS = _triton_backward(g_loss, S, T, c, lse, TM, TZ, *ctx.args, out=S if ctx.inplace else None)
@@ -488,7 +485,9 @@ def dino_loss_with_colsum(
         S = S.contiguous()
     if T.stride(-1) != 1:
         T = T.contiguous()
-    c = c.to(torch.float64 if c.dtype == torch.float64 else torch.float32).contiguous()
+    # a private copy (K floats): the caller's center is updated in place after the forward, and
+    # the Triton backward needs the value the forward used
+    c = c.to(torch.float64 if c.dtype == torch.float64 and impl == "torch" else torch.float32, copy=True).contiguous()
     if torch.compiler.is_compiling():
         if inplace_grad:
             raise ValueError("inplace_grad=True is eager-only; it cannot be traced by torch.compile")
