@@ -265,6 +265,23 @@ def test_adamw_steps_write_through_to_flat_buffer(opt_first: bool, foreach: bool
     assert ema.rebind_count == 0
 
 
+def test_teacher_stays_fp32_under_bf16_autocast() -> None:
+    teacher, student = make_pair()
+    ema = TeacherEMA(teacher, student)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = student(torch.randn(2, 3, 8, 8))
+        with torch.no_grad():
+            teacher(torch.randn(2, 3, 8, 8))
+    assert out.dtype == torch.bfloat16
+    out.float().logsumexp(-1).mean().backward()
+    opt.step()
+    ref = expected64(teacher, student, 0.9999)
+    ema.update(0.9999)
+    assert_matches(teacher, ref)  # also asserts every teacher tensor is float32
+    assert ema.teacher_buffer.dtype == torch.float32
+
+
 @pytest.mark.parametrize("side", ["teacher", "student", "both"])
 def test_state_dict_round_trip_in_place(side: str) -> None:
     teacher, student = make_pair()
