@@ -1,0 +1,238 @@
+"""DINO loss benchmark: the official op-by-op loss vs dino-fast's fused loss.
+
+``python -m bench.loss [--quick]`` from the repository root (also ``dino-fast bench loss``).
+
+Reports:
+- CPU forward+backward time (medians over repeats, ``torch.utils.benchmark``, side by side in one
+  process): ``DINOLossReference`` (the official algorithm: a loop over crop pairs with a
+  log_softmax per pair) vs ``DINOLoss(backend="torch")`` (the eager fast path), at B = 32 and 64,
+  K = 65536, 2+8 and 2+10 crops, fp32 and bf16 (``--quick``: B = 32, 2+8, fp32 and bf16).
+  Bar: >= 4x at B=32, K=65536, 2+8, fp32.
+- Peak extra CPU memory of forward+backward beyond the inputs and the gradient (profiler memory
+  timeline, gradient bytes subtracted). Bar: ours <= 10% of the reference's.
+- Bytes moved at B=64, K=65536, 2+10 crops: the reference counted per aten op (inputs + outputs,
+  TorchDispatchMode); the Triton kernels counted from the loads and stores they execute under
+  TRITON_INTERPRET=1 at B=8 and scaled by 64/8 (exact: every term of the kernels' traffic,
+  including the per-8-image-group center reads and column-sum writes, is proportional to B when
+  B is a multiple of 8); the floor (read S, read T, write dS). Bars: Triton <= 1.7x the floor
+  and >= 15x fewer bytes than the reference. Projected H100 times (bytes / 3.0 TB/s) are
+  labelled *projected*.
+- On a CUDA machine: ``triton.testing.do_bench`` of the Triton path and of the reference.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # count the kernels' traffic on CPU tensors
+
+from bench import common  # noqa: E402
+from dino_fast.loss import DINOLoss, dino_loss  # noqa: E402
+from dino_fast.reference.loss import DINOLossReference, dino_loss_reference  # noqa: E402
+
+K = 65536
+TAU_S, TAU_T = 0.1, 0.04
+BAR_SPEEDUP = 4.0
+BAR_MEMORY = 0.10
+BAR_FLOOR = 1.7
+BAR_VS_REF = 15.0
+COUNT_B = 8  # batch at which the Triton kernels' traffic is counted under the interpreter
+
+
+def _inputs(B: int, ncrops: int, dtype: torch.dtype, device: str = "cpu"):
+    g = torch.Generator().manual_seed(0)
+    S = torch.randn(ncrops * B, K, generator=g).to(dtype)
+    T = (torch.randn(2 * B, K, generator=g) + 0.3 * torch.randn(1, K, generator=g)).to(dtype)
+    c = 0.1 * torch.randn(1, K, generator=g)
+    return S.to(device), T.to(device), c.to(device)
+
+
+def _step(crit: torch.nn.Module, S: torch.Tensor, T: torch.Tensor) -> Callable[[], None]:
+    """One forward+backward through ``crit`` on a fresh leaf; the gradient is dropped after."""
+    def fn() -> None:
+        s = S.detach().requires_grad_()
+        crit(s, T, 0).backward()
+        s.grad = None
+    return fn
+
+
+def _criteria(ncrops: int, device: str = "cpu", backend: str = "torch"):
+    ref = DINOLossReference(K, ncrops, TAU_T, TAU_T, 0, 10).to(device)
+    ours = DINOLoss(K, ncrops, TAU_T, TAU_T, 0, 10, backend=backend).to(device)
+    return ref, ours
+
+
+def cpu_time_rows(quick: bool) -> list[dict[str, Any]]:
+    """Forward+backward CPU time, reference vs eager fast path."""
+    configs = [(32, 10, torch.float32), (32, 10, torch.bfloat16)]
+    if not quick:
+        configs += [(64, 10, torch.float32), (64, 10, torch.bfloat16), (32, 12, torch.float32),
+                    (32, 12, torch.bfloat16), (64, 12, torch.float32), (64, 12, torch.bfloat16)]
+    repeats = 5 if quick else 10
+    rows = []
+    for B, ncrops, dtype in configs:
+        S, T, _ = _inputs(B, ncrops, dtype)
+        ref, ours = _criteria(ncrops)
+        f_ref, f_ours = _step(ref, S, T), _step(ours, S, T)
+        # interleave the two so that machine noise hits both alike
+        t_ref, t_ours = [], []
+        for _ in range(2):
+            t_ref.append(common.time_cpu(f_ref, repeats=repeats // 2, warmup=1))
+            t_ours.append(common.time_cpu(f_ours, repeats=repeats // 2, warmup=1))
+        med_ref = sum(x["median_s"] for x in t_ref) / len(t_ref)  # mean of the two rounds' medians
+        med_ours = sum(x["median_s"] for x in t_ours) / len(t_ours)
+        min_ref = min(x["min_s"] for x in t_ref)
+        min_ours = min(x["min_s"] for x in t_ours)
+        rows.append(dict(
+            B=B, crops=f"2+{ncrops - 2}", dtype=str(dtype).replace("torch.", ""),
+            ref_ms=1e3 * med_ref, ours_ms=1e3 * med_ours, speedup=med_ref / med_ours,
+            ref_min_ms=1e3 * min_ref, ours_min_ms=1e3 * min_ours, speedup_min=min_ref / min_ours,
+        ))
+        del S, T
+    return rows
+
+
+def memory_rows(quick: bool) -> list[dict[str, Any]]:
+    """Peak extra memory of forward+backward beyond inputs and the gradient."""
+    configs = [(32, 10, torch.float32)] + ([] if quick else [(32, 10, torch.bfloat16), (64, 12, torch.float32)])
+    rows = []
+    for B, ncrops, dtype in configs:
+        S, T, _ = _inputs(B, ncrops, dtype)
+        ref, ours = _criteria(ncrops)
+        grad_bytes = S.numel() * S.element_size()
+        out = {}
+        for name, crit in (("ref", ref), ("ours", ours)):
+            s = S.detach().requires_grad_()
+
+            def fn(crit=crit, s=s) -> None:
+                crit(s, T, 0).backward()
+
+            # no warm-up: a fresh DINOLoss allocates its gradient and chunk buffers inside the
+            # measured call, so the gradient is counted (and subtracted) for both alike
+            out[name] = common.peak_cpu_memory(fn) - grad_bytes
+        rows.append(dict(B=B, crops=f"2+{ncrops - 2}", dtype=str(dtype).replace("torch.", ""),
+                         ref_MiB=out["ref"] / 2**20, ours_MiB=out["ours"] / 2**20,
+                         ratio=out["ours"] / out["ref"]))
+    return rows
+
+
+def bytes_rows(quick: bool) -> list[dict[str, Any]]:
+    """Bytes moved: reference (aten ops), Triton (interpreter, scaled), floor; projected H100 times."""
+    B, ncrops = 64, 12
+    dtypes = [torch.float32] if quick else [torch.float32, torch.bfloat16]
+    rows = []
+    for dtype in dtypes:
+        S, T, c = _inputs(B, ncrops, dtype)
+        esize = S.element_size()
+        floor = (S.numel() + T.numel() + S.numel()) * esize
+
+        def ref_fn() -> None:
+            s = S.detach().requires_grad_()
+            dino_loss_reference(s, T, c, ncrops=ncrops, student_temp=TAU_S, teacher_temp=TAU_T).backward()
+
+        ref_bytes = common.count_aten_bytes(ref_fn)["bytes"]
+        del S, T
+        triton_bytes: Optional[float] = None
+        launches = None
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            Sb, Tb, cb = _inputs(COUNT_B, ncrops, dtype)
+
+            def tri_fn() -> None:
+                s = Sb.detach().requires_grad_()
+                dino_loss(s, Tb, cb, ncrops=ncrops, student_temp=TAU_S, teacher_temp=TAU_T, backend="triton").backward()
+
+            traffic = common.count_triton_traffic(tri_fn)
+            triton_bytes = traffic["bytes"] * (B / COUNT_B)
+            launches = traffic["launches"]
+        row = dict(B=B, crops=f"2+{ncrops - 2}", dtype=str(dtype).replace("torch.", ""),
+                   floor_MB=floor / 1e6, ref_MB=ref_bytes / 1e6,
+                   ref_x_floor=ref_bytes / floor,
+                   projected_h100_ref_ms=1e3 * common.projected_seconds(ref_bytes))
+        if triton_bytes is not None:
+            row.update(triton_MB=triton_bytes / 1e6, triton_x_floor=triton_bytes / floor,
+                       ref_over_triton=ref_bytes / triton_bytes, triton_launches=launches,
+                       counted_at_B=COUNT_B,
+                       projected_h100_triton_ms=1e3 * common.projected_seconds(triton_bytes),
+                       projected_h100_floor_ms=1e3 * common.projected_seconds(floor))
+        rows.append(row)
+    return rows
+
+
+def cuda_rows(quick: bool) -> list[dict[str, Any]]:
+    """On CUDA: triton.testing.do_bench of the Triton path and the reference (forward+backward)."""
+    if not torch.cuda.is_available():
+        return []
+    import triton.testing
+
+    rows = []
+    configs = [(64, 12, torch.bfloat16)] if quick else [(32, 10, torch.float32), (64, 12, torch.float32),
+                                                         (64, 12, torch.bfloat16)]
+    for B, ncrops, dtype in configs:
+        S, T, _ = _inputs(B, ncrops, dtype, device="cuda")
+        ref, ours = _criteria(ncrops, device="cuda", backend="triton")
+        ms_ref = triton.testing.do_bench(_step(ref, S, T))
+        ms_ours = triton.testing.do_bench(_step(ours, S, T))
+        floor = (2 * S.numel() + T.numel()) * S.element_size()
+        rows.append(dict(B=B, crops=f"2+{ncrops - 2}", dtype=str(dtype).replace("torch.", ""),
+                         ref_ms=ms_ref, triton_ms=ms_ours, speedup=ms_ref / ms_ours,
+                         triton_GBps_vs_floor=floor / (ms_ours * 1e-3) / 1e9))
+    return rows
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """Run every part; returns the payload written to bench/results/loss.json."""
+    payload: dict[str, Any] = {"quick": quick, "K": K, "student_temp": TAU_S, "teacher_temp": TAU_T}
+    payload["cpu_time"] = cpu_time_rows(quick)
+    payload["memory"] = memory_rows(quick)
+    payload["bytes"] = bytes_rows(quick)
+    payload["cuda"] = cuda_rows(quick)
+    head = payload["cpu_time"][0]
+    mem = payload["memory"][0]
+    byt = payload["bytes"][0]
+    payload["bars"] = {
+        "cpu_speedup_B32_2+8_fp32": {"value": head["speedup"], "bar": BAR_SPEEDUP, "met": head["speedup"] >= BAR_SPEEDUP},
+        "memory_ratio_B32_2+8_fp32": {"value": mem["ratio"], "bar": BAR_MEMORY, "met": mem["ratio"] <= BAR_MEMORY},
+    }
+    if "triton_x_floor" in byt:
+        payload["bars"]["triton_bytes_x_floor"] = {"value": byt["triton_x_floor"], "bar": BAR_FLOOR,
+                                                   "met": byt["triton_x_floor"] <= BAR_FLOOR}
+        payload["bars"]["ref_over_triton_bytes"] = {"value": byt["ref_over_triton"], "bar": BAR_VS_REF,
+                                                    "met": byt["ref_over_triton"] >= BAR_VS_REF}
+    return payload
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command-line entry point: prints the tables, writes bench/results/loss.json."""
+    p = argparse.ArgumentParser(prog="python -m bench.loss", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    a = p.parse_args(list(argv) if argv is not None else None)
+    res = run(quick=a.quick)
+    print(f"CPU forward+backward, K={K} ({torch.get_num_threads()} threads; medians; *_min: best call)")
+    print(common.fmt_table(res["cpu_time"], ["B", "crops", "dtype", "ref_ms", "ours_ms", "speedup",
+                                             "ref_min_ms", "ours_min_ms", "speedup_min"]))
+    print("\nPeak extra CPU memory of forward+backward beyond inputs and gradient")
+    print(common.fmt_table(res["memory"], ["B", "crops", "dtype", "ref_MiB", "ours_MiB", "ratio"]))
+    print(f"\nBytes moved per forward+backward (Triton counted under the interpreter at B={COUNT_B}, "
+          f"scaled to B; H100 times are PROJECTED = bytes / 3.0 TB/s, not measured)")
+    print(common.fmt_table(res["bytes"], ["B", "crops", "dtype", "floor_MB", "ref_MB", "triton_MB",
+                                          "triton_x_floor", "ref_over_triton", "projected_h100_ref_ms",
+                                          "projected_h100_triton_ms", "projected_h100_floor_ms"]))
+    if res["cuda"]:
+        print("\nCUDA (triton.testing.do_bench, forward+backward)")
+        print(common.fmt_table(res["cuda"], ["B", "crops", "dtype", "ref_ms", "triton_ms", "speedup",
+                                             "triton_GBps_vs_floor"]))
+    print("\nBars")
+    for name, b in res["bars"].items():
+        print(f"  {name}: {b['value']:.4g} (bar {b['bar']}) {'MET' if b['met'] else 'NOT MET'}")
+    path = common.write_result("loss", res)
+    print(f"\nwritten {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
