@@ -5,7 +5,7 @@ before a caller had the chance to set ``TRITON_INTERPRET``):
 
 - :class:`DINOLoss`, :func:`dino_loss`, :func:`update_center` (``dino_fast.loss``)
 - :class:`TeacherEMA`, :func:`ema_update_` (``dino_fast.ema``)
-- :func:`momentum_schedule`, :func:`cosine_scheduler` (``dino_fast.train.schedules``)
+- :func:`momentum_schedule`, :func:`cosine_scheduler`, :func:`teacher_temp_schedule` (``dino_fast.train.schedules``)
 - models: :func:`vit_tiny`, :func:`vit_small`, :func:`vit_base`, :class:`DINOHead`,
   :class:`MultiCropWrapper` (``dino_fast.models``)
 - data: :class:`MultiCropAugment` (``dino_fast.data``)
@@ -25,6 +25,7 @@ _LAZY = {
     "ema_update_": "dino_fast.ema",
     "momentum_schedule": "dino_fast.train.schedules",
     "cosine_scheduler": "dino_fast.train.schedules",
+    "teacher_temp_schedule": "dino_fast.train.schedules",
     "vit_tiny": "dino_fast.models",
     "vit_small": "dino_fast.models",
     "vit_base": "dino_fast.models",

@@ -77,7 +77,12 @@ def compile_for(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
+    if not isinstance(fn, JITFunction):
+        # Under TRITON_INTERPRET=1, @triton.jit returns an InterpretedFunction: compile the
+        # Python function it wraps.
+        fn = JITFunction(getattr(fn, "fn", fn))
     src = ASTSource(fn, signature=dict(signature), constexprs=dict(constexprs))
     compiled = triton.compile(
         src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
