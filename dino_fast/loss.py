@@ -311,9 +311,9 @@ def _torch_forward(
                 y.copy_(S3[v, b0:b1]).mul_(inv_s)
             m = lse[v, b0:b1]
             torch.amax(y, 1, out=m)
+            torch.linalg.vecdot(y, Qv, out=dots[v, b0:b1])   # -scale * <Q_v, y>, before the floor
             if floor is not None:
                 torch.maximum(y, (m - floor).unsqueeze(1), out=y)
-            torch.linalg.vecdot(y, Qv, out=dots[v, b0:b1])   # -scale * <Q_v, y>
             p = g_rows if pflat is None else pflat[: w * K].view(w, K)
             torch.ops.aten._softmax.out(y, -1, False, out=p)
             m.sub_(p.amax(1).log_())                          # lse = max - log(max softmax)
