@@ -283,3 +283,34 @@ def test_wide_logits_far_below_the_max(backend):
     loss, g, _ = run_fast(S, T, c, ncrops=ncrops, n_teacher=2, tau_s=0.1, tau_t=0.04, backend=backend)
     assert rel(loss, ref_loss) < 1e-5
     assert rel(g, ref_g) < 1e-5
+
+
+def _dist_worker(rank: int, world: int, init_file: str, out_dir: str, async_center: bool) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(1234 + rank)  # each rank sees its own batch
+        B, K, ncrops = 2, 40, 4
+        crit = DINOLoss(K, ncrops, 0.04, 0.04, 0, 3, backend="torch", async_center=async_center)
+        S, T = torch.randn(ncrops * B, K), torch.randn(2 * B, K)
+        crit(S, T, 0)
+        crit.flush_center()
+        torch.save({"T": T, "center": crit.center.clone()}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("async_center", [False, True])
+def test_center_all_reduced_over_two_ranks(tmp_path, async_center):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path), async_center), nprocs=2, join=True)
+    r0, r1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    both = torch.cat([r0["T"], r1["T"]]).double()
+    expect = update_center_reference(torch.zeros(1, 40, dtype=torch.float64), both, 0.9)
+    assert rel(r0["center"], expect) < 1e-6
+    assert torch.equal(r0["center"], r1["center"])
