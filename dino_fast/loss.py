@@ -15,14 +15,17 @@ Backends (``backend=``): ``"triton"`` (kernels/dino_loss.py), ``"torch"``/``"cpu
 fast path below), ``"reference"`` (dino_fast/reference/loss.py, op by op), ``"auto"`` (Triton
 on CUDA tensors, the eager fast path otherwise; see :func:`dino_fast._backend.resolve_backend`).
 
-The eager fast path works on column chunks of all rows at once (about 256 KiB of fp32 per
-chunk buffer, preallocated once per call): per chunk it computes, for every row, the chunk's
-max and sum-exp (online-softmax partials), the column sum of T for the center update, and the
-dot products <e_i, S_v / tau_s> of the chunk's unnormalised teacher probabilities with every
-student crop of the same image; a tiny combine step turns the partials into lse, teacher
-normalisers and the loss. The backward recomputes the softmaxes chunk by chunk from the saved
-per-row lse / teacher max / teacher sum (3 floats per row) and writes the gradient once. No
-(rows, K) temporary exists other than the gradient itself.
+The eager fast path (``backend="torch"``) works on chunks of ~2 MiB (a few images, all K
+columns, buffers recycled through a :class:`Workspace`): per chunk it soft-maxes the teacher
+rows of its images once, then for every crop computes y = S_v/tau_s, its row max, <Q_v, y>, the
+softmax (one fused aten kernel, one exp per element) written straight into the gradient's rows,
+lse = max - log(max softmax), and the gradient ``|Q_v| scale p - scale Q_v`` in place. The
+gradient is thus produced in the forward (one exp per element in all, where recomputing the
+softmax in the backward would cost a second one); the backward returns it, scaled in place by the
+upstream gradient when that is not exactly 1. No (rows, K) temporary exists other than the
+gradient (under torch.compile the backward op returns ``G * g``, a second gradient-sized buffer).
+The Triton path instead saves 3 floats per row and recomputes in its backward kernel (one
+fewer write+read of dS than storing it, see kernels/dino_loss.py).
 
 Both fast backends are registered as ``torch.library`` custom ops (``dino_fast::dino_loss_fwd``
 and ``dino_fast::dino_loss_bwd``) with an autograd formula and fake (meta) implementations,
