@@ -188,6 +188,12 @@ def _combine_partials(
 # --------------------------------------------------------------------------------------------
 # Eager fast path
 # --------------------------------------------------------------------------------------------
+def _storage_use_count(st: torch.UntypedStorage) -> int:
+    """References to a storage (tensors and storage objects); 2**31 when torch cannot say."""
+    fn = getattr(torch._C, "_storage_Use_Count", None)
+    return int(fn(st._cdata)) if fn is not None else 2**31
+
+
 class Workspace:
     """Buffers of the eager fast path recycled between calls (CPU only; CUDA has its own cache).
 
@@ -208,7 +214,7 @@ class Workspace:
             return torch.empty(shape, dtype=dtype, device=device)
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         st = self._storages.get(name)
-        if st is not None and st.nbytes() == nbytes and torch._C._storage_Use_Count(st._cdata) == 1:
+        if st is not None and st.nbytes() == nbytes and _storage_use_count(st) == 1:
             return torch.empty((0,), dtype=dtype, device=device).set_(st, 0, tuple(shape))
         t = torch.empty(shape, dtype=dtype, device=device)
         self._storages[name] = t.untyped_storage()
