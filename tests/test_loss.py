@@ -314,3 +314,12 @@ def test_center_all_reduced_over_two_ranks(tmp_path, async_center):
     expect = update_center_reference(torch.zeros(1, 40, dtype=torch.float64), both, 0.9)
     assert rel(r0["center"], expect) < 1e-6
     assert torch.equal(r0["center"], r1["center"])
+
+
+def test_public_names_from_the_package():
+    import dino_fast
+    import dino_fast.loss as loss_mod
+
+    assert dino_fast.DINOLoss is loss_mod.DINOLoss
+    assert dino_fast.dino_loss is loss_mod.dino_loss
+    assert dino_fast.update_center is loss_mod.update_center
