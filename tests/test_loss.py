@@ -1,14 +1,12 @@
 """The eager fast path, DINOLoss and the functional API against the float64 reference."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 from dino_fast.loss import DINOLoss, NonFiniteError, Workspace, dino_loss, dino_loss_with_colsum, update_center
 from dino_fast.reference.loss import DINOLossReference, dino_loss_reference, update_center_reference
-
 
 
 def make_inputs(B: int, K: int, ncrops: int, n_teacher: int = 2, dtype: torch.dtype = torch.float32):
