@@ -42,6 +42,11 @@ from ffcv.pipeline.state import State
 __all__ = ["MultiCropDecoder", "FFCVBackend"]
 
 
+# numba (0.68) raises a KeyError from the finaliser of these dispatchers when they are garbage
+# collected; they are small, so they are kept for the life of the process (one pair per decoder).
+_KEEP_ALIVE: list[tuple[Callable, Callable]] = []
+
+
 class MultiCropDecoder(SimpleRGBImageDecoder):
     """FFCV decoder for an ``RGBImageField``: decode once, cut ``G + L`` crops (see module doc).
 
@@ -94,6 +99,7 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
         my_range = Compiler.get_iterator()
         imdecode_c = Compiler.compile(imdecode)
         resize_crop_c = Compiler.compile(resize_crop)
+        _KEEP_ALIVE.append((imdecode_c, resize_crop_c))
         memcpy_raw = ctypes_memcopy
         epoch_addr = self._epoch.ctypes.data
         spec = self.spec
