@@ -17,6 +17,7 @@ Reports:
   B is a multiple of 8); the floor (read S, read T, write dS). Bars: Triton <= 1.7x the floor
   and >= 15x fewer bytes than the reference. Projected H100 times (bytes / 3.0 TB/s) are
   labelled *projected*.
+- Sweeps for the plots: time and peak memory vs K (B=8) and vs B (K=65536), 2+8 crops, fp32.
 - On a CUDA machine: ``triton.testing.do_bench`` of the Triton path and of the reference.
 """
 from __future__ import annotations
@@ -163,6 +164,41 @@ def bytes_rows(quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def sweep_rows(quick: bool) -> list[dict[str, Any]]:
+    """Forward+backward CPU time and peak extra memory vs K (at B=8) and vs B (at K=65536), 2+8
+    crops, fp32: the data of the loss plots (bench/report.py)."""
+    ncrops = 10
+    ks = [4096, 16384, 65536] if quick else [4096, 8192, 16384, 32768, 65536, 131072]
+    bs = [4, 8, 16] if quick else [4, 8, 16, 32, 64]
+    configs = [("K", 8, k) for k in ks] + [("B", b, K) for b in bs]
+    repeats = 3 if quick else 7
+    rows = []
+    for axis, B, k in configs:
+        g = torch.Generator().manual_seed(1)
+        S = torch.randn(ncrops * B, k, generator=g)
+        T = torch.randn(2 * B, k, generator=g)
+        ref = DINOLossReference(k, ncrops, TAU_T, TAU_T, 0, 10)
+        ours = DINOLoss(k, ncrops, TAU_T, TAU_T, 0, 10, backend="torch")
+        f_ref, f_ours = _step(ref, S, T), _step(ours, S, T)
+        t_ref = common.time_cpu(f_ref, repeats=repeats, warmup=1)["median_s"]
+        t_ours = common.time_cpu(f_ours, repeats=repeats, warmup=1)["median_s"]
+        grad_bytes = S.numel() * S.element_size()
+        mem = {}
+        for name, crit in (("ref", DINOLossReference(k, ncrops, TAU_T, TAU_T, 0, 10)),
+                           ("ours", DINOLoss(k, ncrops, TAU_T, TAU_T, 0, 10, backend="torch"))):
+            s = S.detach().requires_grad_()
+
+            def fn(crit=crit, s=s) -> None:
+                crit(s, T, 0).backward()
+
+            mem[name] = common.peak_cpu_memory(fn) - grad_bytes
+        rows.append(dict(axis=axis, B=B, K=k, crops="2+8", dtype="float32", ref_ms=1e3 * t_ref,
+                         ours_ms=1e3 * t_ours, speedup=t_ref / t_ours, ref_MiB=mem["ref"] / 2**20,
+                         ours_MiB=mem["ours"] / 2**20))
+        del S, T
+    return rows
+
+
 def cuda_rows(quick: bool) -> list[dict[str, Any]]:
     """On CUDA: triton.testing.do_bench of the Triton path and the reference (forward+backward)."""
     if not torch.cuda.is_available():
@@ -196,6 +232,9 @@ def _report(res: dict[str, Any]) -> None:
     print(common.fmt_table(res["bytes"], ["B", "crops", "dtype", "floor_MB", "ref_MB", "triton_MB",
                                           "triton_x_floor", "ref_over_triton", "projected_h100_ref_ms",
                                           "projected_h100_triton_ms", "projected_h100_floor_ms"]))
+    print("\nSweep vs K (B=8) and vs B (K=65536), 2+8 crops, fp32: forward+backward median ms, "
+          "peak extra MiB beyond inputs and gradient")
+    print(common.fmt_table(res["sweep"], ["axis", "B", "K", "ref_ms", "ours_ms", "speedup", "ref_MiB", "ours_MiB"]))
     if res["cuda"]:
         print("\nCUDA (triton.testing.do_bench, forward+backward)")
         print(common.fmt_table(res["cuda"], ["B", "crops", "dtype", "ref_ms", "triton_ms", "speedup",
@@ -215,6 +254,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     payload["cpu_time"] = cpu_time_rows(quick)
     payload["memory"] = memory_rows(quick)
     payload["bytes"] = bytes_rows(quick)
+    payload["sweep"] = sweep_rows(quick)
     payload["cuda"] = cuda_rows(quick)
     payload["loadavg_before_1_5_15"] = list(load_before)
     payload["loadavg_1_5_15"] = list(os.getloadavg())

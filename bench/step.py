@@ -1,0 +1,514 @@
+"""End-to-end training step: the reference eager implementation vs dino-fast, side by side.
+
+``python -m bench.step [--quick]`` from the repository root (also ``dino-fast bench step``).
+
+One full DINO step on crops already in memory (float, normalised), phase by phase:
+
+==========  ==============================================  =============================================
+phase       reference (official DINO, eager)                dino-fast
+==========  ==============================================  =============================================
+forward     teacher(2 global) + student(all crops),         the same modules with ``attn_backend="sdpa"``
+            ViT with explicit-softmax attention ("math")    (xformers / auto on CUDA)
+loss        ``DINOLossReference`` (loop over crop pairs,    ``DINOLoss`` fused (``backend="torch"`` on
+            one log_softmax per pair) + ``loss.item()``     CPU, Triton on CUDA) + ``loss.item()``
+backward    ``zero_grad(); loss.backward()``                the same
+clip        official per-parameter loop (``norm``,          ``dino_fast.train.optim.clip_gradients``
+            ``.item()``, ``mul_`` per tensor), clip 3.0     (``_foreach_norm`` + ``_foreach_mul_``)
+optimizer   ``torch.optim.AdamW(param_groups)`` as the      AdamW with ``foreach=True`` or ``fused=True``,
+            official code builds it (defaults: the          whichever is faster in this run's own
+            per-tensor loop on CPU, foreach on CUDA)        measurement (all variants are reported)
+ema         official per-parameter ``mul_().add_()`` loop   ``TeacherEMA.update`` (one lerp over a flat
+                                                            buffer on CPU, one Triton launch on CUDA)
+==========  ==============================================  =============================================
+
+Both sides hold the same weights (one state dict), see the same crops and reseed the global
+generator identically before each step (drop path 0.1 on the student), so they compute the same
+math: the first step's losses agree to float rounding (checked by tests/test_bench_step.py).
+The step runs at epoch 1 (after the official one-epoch freeze of the head's last layer, so the
+optimizer and EMA cover every parameter, as in the steady state of a run).
+
+Timing: the two sides alternate step by step (interleaved rounds, the order swapped every round)
+so load from other processes hits both alike; each phase is timed with ``time.perf_counter`` on
+CPU (every op is synchronous there) and with CUDA events on a GPU; figures are medians over the
+rounds and the speed-up is the median of per-round ratios. Threads: torch's setting, the same
+for both sides. Bar: ViT-S/16, 2 x 224 + 8 x 96 crops, CPU: dino-fast >= 1.5x the reference.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from bench import common
+
+PHASES = ("forward", "loss", "backward", "clip", "optimizer", "ema")
+BAR_SPEEDUP = 1.5
+EPOCH = 1  # past the official one-epoch freeze of the last layer: every parameter is trained
+MOMENTUM = 0.996
+OPTIMIZER_VARIANTS = ("default", "foreach", "fused")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSetup:
+    """Shapes of one benchmarked step.
+
+    Attributes:
+        arch: ``"vit_tiny" | "vit_small" | "vit_base"`` (patch 16).
+        batch: images per step (B); the student sees ``(2 + n_local) * B`` crops.
+        n_local: local crops per image.
+        global_size, local_size: crop sides in pixels (224 and 96 in DINO).
+        out_dim: K, the head's output size (65536 in DINO).
+        hidden_dim, bottleneck_dim: DINO head MLP sizes (2048, 256 in DINO).
+        depth: ViT depth override (``None``: 12).
+        drop_path: student drop-path rate (0.1 in DINO; the teacher has none).
+        clip: per-parameter gradient clipping threshold (3.0 in DINO).
+        device: ``"cpu"`` or ``"cuda"``.
+        autocast: ``"none"`` or ``"bf16"`` (forward under bf16 autocast, both sides alike).
+    """
+
+    arch: str = "vit_small"
+    batch: int = 2
+    n_local: int = 8
+    global_size: int = 224
+    local_size: int = 96
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    depth: Optional[int] = None
+    drop_path: float = 0.1
+    clip: float = 3.0
+    device: str = "cpu"
+    autocast: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.arch not in ("vit_tiny", "vit_small", "vit_base"):
+            raise ValueError(f"arch must be 'vit_tiny', 'vit_small' or 'vit_base', got {self.arch!r}")
+        for name in ("batch", "global_size", "local_size", "out_dim", "hidden_dim", "bottleneck_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if isinstance(self.n_local, bool) or not isinstance(self.n_local, int) or self.n_local < 0:
+            raise ValueError(f"n_local must be an int >= 0, got {self.n_local!r}")
+        if self.autocast not in ("none", "bf16"):
+            raise ValueError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+
+    @property
+    def ncrops(self) -> int:
+        """Student crops per image: 2 global + ``n_local``."""
+        return 2 + self.n_local
+
+    def label(self) -> str:
+        """Short description, e.g. ``vit_small/16 B=2 2x224+8x96 K=65536``."""
+        d = "" if self.depth is None else f" depth={self.depth}"
+        return (f"{self.arch}/16{d} B={self.batch} 2x{self.global_size}+{self.n_local}x{self.local_size} "
+                f"K={self.out_dim}")
+
+
+# --------------------------------------------------------------------------------------------
+# the two sides
+# --------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def official_clip_gradients(model: nn.Module, clip: float) -> list[float]:
+    """The official DINO ``utils.clip_gradients``: per parameter, ``norm = ||grad||_2`` (read to
+    the host with ``.item()``), and ``grad *= clip / (norm + 1e-6)`` when that factor is < 1.
+
+    Returns the norms before clipping (Python floats, one per parameter with a gradient).
+    """
+    norms = []
+    for _, p in model.named_parameters():
+        if p.grad is not None:
+            param_norm = p.grad.data.norm(2)
+            norms.append(param_norm.item())
+            clip_coef = clip / (param_norm + 1e-6)
+            if clip_coef < 1:
+                p.grad.data.mul_(clip_coef)
+    return norms
+
+
+def build_models(setup: StepSetup, attn_backend: str) -> tuple[nn.Module, nn.Module]:
+    """Student (drop path ``setup.drop_path``) and teacher (none) ``MultiCropWrapper`` s with DINO
+    heads, on ``setup.device``, float32. The teacher does not require gradients."""
+    from dino_fast import models
+
+    factory = getattr(models, setup.arch)
+    kw: dict[str, Any] = {} if setup.depth is None else {"depth": setup.depth}
+
+    def one(dp: float) -> nn.Module:
+        vit = factory(16, img_size=setup.global_size, drop_path_rate=dp, attn_backend=attn_backend, **kw)
+        head = models.DINOHead(vit.embed_dim, setup.out_dim, hidden_dim=setup.hidden_dim,
+                               bottleneck_dim=setup.bottleneck_dim)
+        return models.MultiCropWrapper(vit, head)
+
+    student, teacher = one(setup.drop_path).to(setup.device), one(0.0).to(setup.device)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
+
+
+def make_optimizer(params: list[dict], variant: str) -> torch.optim.Optimizer:
+    """AdamW over ``params`` (param groups): ``"default"`` (torch's choice, as the official code
+    builds it), ``"foreach"``, ``"fused"`` or ``"apex"`` (NVIDIA apex ``FusedAdam(adam_w_mode=True)``,
+    CUDA only). Raises ``ValueError`` for an unknown variant, ``ImportError`` when apex is missing."""
+    if variant == "default":
+        return torch.optim.AdamW(params)
+    if variant == "foreach":
+        return torch.optim.AdamW(params, foreach=True)
+    if variant == "fused":
+        return torch.optim.AdamW(params, fused=True)
+    if variant == "apex":
+        from apex.optimizers import FusedAdam
+
+        return FusedAdam(params, adam_w_mode=True, weight_decay=0.01)
+    raise ValueError(f"optimizer variant must be one of {OPTIMIZER_VARIANTS + ('apex',)}, got {variant!r}")
+
+
+class StepSide:
+    """One side of the comparison: models, loss, optimizer, clipping and EMA of one implementation.
+
+    Args:
+        setup: shapes.
+        kind: ``"reference"`` (official eager algorithm) or ``"ours"`` (dino-fast).
+        state_dict: initial weights, loaded into both student and teacher (same on both sides).
+        optimizer: AdamW variant (see :func:`make_optimizer`); ``None``: ``"default"`` for the
+            reference, ``"fused"`` for ours.
+    """
+
+    def __init__(self, setup: StepSetup, kind: str, state_dict: dict[str, torch.Tensor],
+                 optimizer: Optional[str] = None) -> None:
+        from dino_fast.train.optim import param_groups
+
+        if kind not in ("reference", "ours"):
+            raise ValueError(f"kind must be 'reference' or 'ours', got {kind!r}")
+        self.setup, self.kind = setup, kind
+        cuda = setup.device == "cuda"
+        attn = "math" if kind == "reference" else ("auto" if cuda else "sdpa")
+        self.student, self.teacher = build_models(setup, attn)
+        self.student.load_state_dict(state_dict)
+        self.teacher.load_state_dict(state_dict)
+        self.optimizer_variant = optimizer or ("default" if kind == "reference" else "fused")
+        if kind == "reference":
+            from dino_fast.reference.loss import DINOLossReference
+
+            self.loss = DINOLossReference(setup.out_dim, setup.ncrops, 0.04, 0.07, 30, 100).to(setup.device)
+            t_params, s_params = list(self.teacher.parameters()), list(self.student.parameters())
+
+            def ema(m: float) -> None:
+                from dino_fast.reference.ema import reference_ema_update_
+
+                reference_ema_update_(t_params, s_params, m)
+
+            self.clip: Callable[[], Any] = lambda: official_clip_gradients(self.student, setup.clip)
+        else:
+            from dino_fast.ema import TeacherEMA
+            from dino_fast.loss import DINOLoss
+            from dino_fast.train.optim import clip_gradients
+
+            self.loss = DINOLoss(setup.out_dim, setup.ncrops, 0.04, 0.07, 30, 100,
+                                 backend="auto" if cuda else "torch").to(setup.device)
+            # TeacherEMA re-packs both modules' parameters into flat buffers (views): build it
+            # before the optimizer so the optimizer holds the final tensors.
+            self._ema = TeacherEMA(self.teacher, self.student, backend="auto")
+            ema = self._ema.update
+            params = list(self.student.parameters())
+            self.clip = lambda: clip_gradients(params, setup.clip)
+        self.ema: Callable[[float], None] = ema
+        self.optimizer = make_optimizer(param_groups(self.student), self.optimizer_variant)
+        for group in self.optimizer.param_groups:  # schedules' values at some step: same on both sides
+            group["lr"] = 5e-4 * setup.batch / 256
+            if group.get("name") == "regularized":
+                group["weight_decay"] = 0.04
+
+    def _autocast(self) -> Any:
+        import contextlib
+
+        if self.setup.autocast == "bf16":
+            return torch.autocast(self.setup.device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, crops: Sequence[torch.Tensor], seed: int) -> tuple[float, dict[str, float]]:
+        """One training step on ``crops`` (list of ``2 + n_local`` float tensors ``[B, 3, S, S]``).
+
+        Returns ``(loss, seconds per phase)``; phases as in :data:`PHASES` plus ``"total"``.
+        """
+        cuda = self.setup.device == "cuda"
+        marks: list[Any] = []
+
+        def mark() -> None:
+            if cuda:
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                marks.append(ev)
+            else:
+                marks.append(time.perf_counter())
+
+        self.student.train()
+        torch.manual_seed(seed)  # drop path draws from the global generator: same masks on both sides
+        mark()
+        with self._autocast():
+            t_out = self.teacher(list(crops[:2]))
+            s_out = self.student(list(crops))
+        mark()
+        loss = self.loss(s_out, t_out, EPOCH)
+        loss_value = loss.item()
+        mark()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        mark()
+        self.clip()
+        mark()
+        self.optimizer.step()
+        mark()
+        self.ema(MOMENTUM)
+        mark()
+        if cuda:
+            torch.cuda.synchronize()
+            secs = [a.elapsed_time(b) * 1e-3 for a, b in zip(marks[:-1], marks[1:])]
+        else:
+            secs = [b - a for a, b in zip(marks[:-1], marks[1:])]
+        out = dict(zip(PHASES, secs))
+        out["total"] = sum(secs)
+        return loss_value, out
+
+
+def make_crops(setup: StepSetup, seed: int = 0) -> list[torch.Tensor]:
+    """``2`` global crops ``[B, 3, G, G]`` and ``n_local`` local crops ``[B, 3, L, L]``, float32,
+    standard-normal (already normalised images), on ``setup.device``."""
+    g = torch.Generator().manual_seed(seed)
+    B = setup.batch
+    crops = [torch.randn(B, 3, setup.global_size, setup.global_size, generator=g) for _ in range(2)]
+    crops += [torch.randn(B, 3, setup.local_size, setup.local_size, generator=g) for _ in range(setup.n_local)]
+    return [c.to(setup.device) for c in crops]
+
+
+def build_pair(setup: StepSetup, seed: int = 0, ours_optimizer: str = "fused") -> tuple[StepSide, StepSide]:
+    """Reference and dino-fast sides with identical initial weights (drawn with ``seed``)."""
+    torch.manual_seed(seed)
+    student, _ = build_models(dataclasses.replace(setup, device="cpu"), "math")
+    sd = {k: v.to(setup.device) for k, v in student.state_dict().items()}
+    del student
+    return StepSide(setup, "reference", sd), StepSide(setup, "ours", sd, optimizer=ours_optimizer)
+
+
+# --------------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------------
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def optimizer_variants(setup: StepSetup, side: StepSide, repeats: int) -> dict[str, Any]:
+    """Time ``optimizer.step()`` alone for each AdamW variant on a copy of ``side``'s student
+    with gradients from one backward pass; returns ``{variant: median seconds or a reason}``."""
+    student = copy.deepcopy(side.student)
+    from dino_fast.train.optim import param_groups
+
+    crops = make_crops(dataclasses.replace(setup, batch=1), seed=1)
+    student(list(crops)).float().square().mean().backward()
+    variants = list(OPTIMIZER_VARIANTS) + (["apex"] if setup.device == "cuda" else [])
+    opts: dict[str, Any] = {}
+    out: dict[str, Any] = {}
+    for v in variants:
+        try:
+            opts[v] = make_optimizer(param_groups(student), v)
+            opts[v].step()  # creates the state
+        except (ImportError, RuntimeError, ValueError) as e:
+            out[v] = ("apex not installed" if isinstance(e, ImportError) and v == "apex"
+                      else f"unavailable: {type(e).__name__}: {e}".split("\n")[0][:160])
+    times: dict[str, list[float]] = {v: [] for v in opts}
+    for _ in range(repeats):
+        for v, opt in opts.items():
+            _sync(setup.device)
+            t0 = time.perf_counter()
+            opt.step()
+            _sync(setup.device)
+            times[v].append(time.perf_counter() - t0)
+    for v, ts in times.items():
+        out[v] = statistics.median(ts)
+    if "apex" not in out and setup.device != "cuda":
+        out["apex"] = "apex: CUDA only, not timed on CPU" if _apex_installed() else "apex not installed"
+    del student, opts
+    return out
+
+
+def _apex_installed() -> bool:
+    try:
+        import apex  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Optional[str] = None,
+                optimizer_repeats: int = 3) -> dict[str, Any]:
+    """Measure one setup: optimizer variants, then interleaved reference / dino-fast steps.
+
+    ``ours_optimizer=None`` picks the faster of ``foreach`` and ``fused`` from the variant timings.
+    Returns a JSON-ready row (median seconds per phase for both sides, speed-ups, losses).
+    """
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
+    ref, ours = build_pair(setup, seed=0, ours_optimizer="fused")
+    variants = optimizer_variants(setup, ours, optimizer_repeats)
+    if ours_optimizer is None:
+        cands = {v: variants[v] for v in ("foreach", "fused") if isinstance(variants.get(v), float)}
+        ours_optimizer = min(cands, key=cands.get) if cands else "default"
+    if ours_optimizer != ours.optimizer_variant:
+        from dino_fast.train.optim import param_groups
+
+        ours.optimizer_variant = ours_optimizer
+        ours.optimizer = make_optimizer(param_groups(ours.student), ours_optimizer)
+        for group in ours.optimizer.param_groups:
+            group["lr"] = 5e-4 * setup.batch / 256
+            if group.get("name") == "regularized":
+                group["weight_decay"] = 0.04
+    crops = make_crops(setup)
+    first_losses = {}
+    for i in range(warmup):
+        for name, side in (("reference", ref), ("ours", ours)):
+            loss, _ = side.step(crops, seed=1000 + i)
+            first_losses.setdefault(name, loss)
+    phase_times: dict[str, dict[str, list[float]]] = {
+        n: {p: [] for p in PHASES + ("total",)} for n in ("reference", "ours")}
+    losses: dict[str, list[float]] = {"reference": [], "ours": []}
+    for r in range(rounds):
+        order = (("reference", ref), ("ours", ours)) if r % 2 == 0 else (("ours", ours), ("reference", ref))
+        for name, side in order:
+            loss, secs = side.step(crops, seed=2000 + r)
+            losses[name].append(loss)
+            first_losses.setdefault(name, loss)
+            for p, s in secs.items():
+                phase_times[name][p].append(s)
+    row: dict[str, Any] = {
+        "model": setup.arch, "setup": setup.label(), "batch": setup.batch, "crops": f"2x{setup.global_size}+"
+        f"{setup.n_local}x{setup.local_size}", "K": setup.out_dim, "device": setup.device,
+        "autocast": setup.autocast,
+        "params": sum(p.numel() for p in ref.student.parameters()),
+        "param_tensors": sum(1 for _ in ref.student.parameters()),
+        "rounds": rounds, "warmup": warmup,
+        "reference_attention": "math", "ours_attention": ours.student.backbone.resolve_attn_backend(setup.device),
+        "reference_optimizer": "AdamW default (" + ("per-tensor loop" if setup.device == "cpu" else "torch's choice")
+        + ")", "ours_optimizer": f"AdamW {ours_optimizer}",
+        "optimizer_variants_s": variants,
+        "first_loss_reference": first_losses["reference"], "first_loss_ours": first_losses["ours"],
+        "loss_rel_diff_first_step": abs(first_losses["reference"] - first_losses["ours"])
+        / max(abs(first_losses["reference"]), 1e-30),
+    }
+    for name in ("reference", "ours"):
+        row[name] = {p: statistics.median(ts) for p, ts in phase_times[name].items()}
+        row[name + "_min_total_s"] = min(phase_times[name]["total"])
+    ratios = [a / b for a, b in zip(phase_times["reference"]["total"], phase_times["ours"]["total"])]
+    row["speedup"] = statistics.median(ratios)
+    row["speedup_min_max"] = [min(ratios), max(ratios)]
+    row["phase_speedup"] = {p: row["reference"][p] / row["ours"][p] if row["ours"][p] > 0 else math.inf
+                            for p in PHASES}
+    row["saved_s"] = {p: row["reference"][p] - row["ours"][p] for p in PHASES}
+    row["images_per_s_reference"] = setup.batch / row["reference"]["total"]
+    row["images_per_s_ours"] = setup.batch / row["ours"]["total"]
+    # Amdahl: the best speed-up reachable without touching forward+backward
+    fb = row["reference"]["forward"] + row["reference"]["backward"]
+    row["speedup_ceiling_if_forward_backward_unchanged"] = row["reference"]["total"] / fb if fb > 0 else math.inf
+    del ref, ours
+    return row
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    table = []
+    for r in rows:
+        for name in ("reference", "ours"):
+            d = {"setup": r["setup"] if name == "reference" else "", "side": name}
+            d.update({p: r[name][p] * 1e3 for p in PHASES + ("total",)})
+            d["img/s"] = r[f"images_per_s_{name}"]
+            table.append(d)
+        d = {"setup": "", "side": "ref/ours"}
+        d.update({p: r["phase_speedup"][p] for p in PHASES})
+        d["total"] = r["speedup"]
+        table.append(d)
+    print("Time per step by phase, ms (medians over interleaved rounds); ref/ours rows are ratios "
+          "(total: median of per-round ratios)")
+    print(common.fmt_table(table, ["setup", "side", *PHASES, "total", "img/s"]))
+    print("\nAdamW step alone, ms (median; dino-fast uses the fastest of foreach/fused):")
+    for r in rows:
+        cells = ", ".join(f"{k} {v * 1e3:.1f}" if isinstance(v, float) else f"{k}: {v}"
+                          for k, v in r["optimizer_variants_s"].items())
+        print(f"  {r['setup']}: {cells}; ours uses {r['ours_optimizer']}")
+    for r in rows:
+        print(f"  {r['setup']}: first-step loss reference {r['first_loss_reference']:.6f}, ours "
+              f"{r['first_loss_ours']:.6f} (rel. diff {r['loss_rel_diff_first_step']:.1e}); attention "
+              f"{r['reference_attention']} vs {r['ours_attention']}; ceiling with forward+backward unchanged "
+              f"{r['speedup_ceiling_if_forward_backward_unchanged']:.2f}x")
+
+
+def run(quick: bool = False, threads: Optional[int] = None) -> dict[str, Any]:
+    """Benchmark ViT-tiny/16 and ViT-S/16 (CPU: small batch; CUDA: B=64, bf16 autocast), print the
+    tables and the bar, write bench/results/step.json; returns the payload."""
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    load_before = os.getloadavg()
+    t0 = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        batch, rounds, warmup = (32, 5, 2) if quick else (64, 20, 3)
+        setups = [StepSetup(arch=a, batch=batch, device="cuda", autocast="bf16") for a in ("vit_tiny", "vit_small")]
+    else:
+        batch, rounds, warmup = (2, 3, 1) if quick else (4, 7, 1)
+        setups = [StepSetup(arch=a, batch=batch) for a in ("vit_tiny", "vit_small")]
+    rows = []
+    for s in setups:
+        print(f"  measuring {s.label()} on {s.device} ({rounds} rounds)...", flush=True)
+        rows.append(bench_setup(s, rounds=rounds, warmup=warmup, optimizer_repeats=2 if quick else 5))
+    load = os.getloadavg()
+    vs = next(r for r in rows if r["model"] == "vit_small")
+    met = vs["speedup"] >= BAR_SPEEDUP
+    ncpu = os.cpu_count() or 1
+    loaded = max(load[0], load_before[0]) > 1.5 * ncpu
+    payload: dict[str, Any] = {
+        "quick": quick, "threads": torch.get_num_threads(), "device": "cuda" if cuda else "cpu",
+        "phases": list(PHASES), "epoch": EPOCH, "momentum": MOMENTUM, "rows": rows,
+        "apex": ("installed" if _apex_installed() else "apex not installed"),
+        "bars": {"step_speedup_vit_small_cpu" if not cuda else "step_speedup_vit_small_cuda": {
+            "value": vs["speedup"], "bar": BAR_SPEEDUP, "met": met,
+            "note": "dino-fast / reference step time, ViT-S/16, 2x224+8x96, median of per-round ratios"
+                    + ("; UNRELIABLE: machine loaded by other processes" if loaded else "")}},
+        "loadavg_before_1_5_15": list(load_before), "loadavg_1_5_15": list(load),
+        "elapsed_s": time.perf_counter() - t0,
+    }
+    print(f"\nEnd-to-end DINO step, {payload['device']}, {payload['threads']} threads"
+          f"{' (quick)' if quick else ''}; apex: {payload['apex']}")
+    _print_rows(rows)
+    print(f"\nbar: ViT-S/16 step dino-fast >= {BAR_SPEEDUP}x the reference: {vs['speedup']:.2f}x "
+          f"(per-round {vs['speedup_min_max'][0]:.2f}-{vs['speedup_min_max'][1]:.2f}x) -> "
+          f"{'MET' if met else 'NOT MET'}{' (UNRELIABLE: machine loaded)' if loaded else ''}")
+    print(f"load average before / after (1 min): {load_before[0]:.2f} / {load[0]:.2f} on {ncpu} CPUs")
+    path = common.write_result("step", payload)
+    print(f"wrote {path}")
+    return payload
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m bench.step [--quick] [--threads N]``."""
+    p = argparse.ArgumentParser(prog="python -m bench.step", description="End-to-end DINO step benchmark")
+    p.add_argument("--quick", action="store_true", help="batch 2, 3 rounds")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's setting)")
+    a = p.parse_args(list(argv) if argv is not None else None)
+    run(quick=a.quick, threads=a.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

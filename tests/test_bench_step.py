@@ -1,0 +1,106 @@
+"""bench/step.py: both sides compute the same step (same loss, same updated weights), the official
+clipping loop matches a float64 computation, and the quick path's measurement runs end to end on
+a tiny model."""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from bench import step as bstep
+
+TINY = bstep.StepSetup(arch="vit_tiny", batch=2, n_local=2, global_size=32, local_size=16, out_dim=384,
+                       hidden_dim=48, bottleneck_dim=24, depth=1)
+
+
+def _fresh_seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=torch.Generator().manual_seed(torch.seed())).item())
+
+
+def test_both_sides_same_step() -> None:
+    """Same weights, crops and seed: equal first losses and (after clip, AdamW, EMA) equal weights."""
+    seed = _fresh_seed()
+    ref, ours = bstep.build_pair(TINY, seed=seed, ours_optimizer="foreach")
+    crops = bstep.make_crops(TINY, seed=seed)
+    # the student's forward in float64 through the reference's modules gives the exact loss
+    from dino_fast.reference.loss import dino_loss_reference
+
+    import copy
+
+    s64, t64 = copy.deepcopy(ref.student).double(), copy.deepcopy(ref.teacher).double()
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        t_out = t64([c.double() for c in crops[:2]])
+        s_out = s64([c.double() for c in crops])
+    exact = dino_loss_reference(s_out, t_out, torch.zeros(1, TINY.out_dim, dtype=torch.float64), ncrops=TINY.ncrops,
+                                student_temp=0.1, teacher_temp=float(ref.loss.teacher_temp_schedule[bstep.EPOCH])).item()
+
+    l_ref, t_ref = ref.step(crops, seed=seed + 1)
+    l_ours, t_ours = ours.step(crops, seed=seed + 1)
+    assert math.isfinite(l_ref) and l_ref > 0
+    assert l_ref == pytest.approx(exact, rel=1e-5)
+    assert l_ours == pytest.approx(exact, rel=1e-5)
+    for name in ("student", "teacher"):
+        a = dict(getattr(ref, name).named_parameters())
+        b = dict(getattr(ours, name).named_parameters())
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k].detach(), a[k].detach(), rtol=1e-4, atol=2e-5, msg=f"{name}.{k}")
+    # the step moved the weights (so the comparison above compares updated tensors)
+    moved = max((p.detach() - q).abs().max().item()
+                for p, q in zip(ours.student.parameters(), bstep.build_pair(TINY, seed=seed)[0].student.parameters()))
+    assert moved > 1e-6
+    assert set(t_ref) == set(bstep.PHASES) | {"total"}
+    assert t_ref["total"] == pytest.approx(sum(t_ref[p] for p in bstep.PHASES))
+    assert all(v >= 0 for v in t_ours.values())
+
+
+def test_official_clip_matches_float64() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    grads = [torch.randn_like(p) * s for p, s in zip(model.parameters(), (10.0, 0.01, 5.0, 0.1))]
+    for p, g in zip(model.parameters(), grads):
+        p.grad = g.clone()
+    clip = 1.5
+    norms = bstep.official_clip_gradients(model, clip)
+    for p, g, n in zip(model.parameters(), grads, norms):
+        g64 = g.double()
+        n64 = g64.norm().item()
+        assert n == pytest.approx(n64, rel=1e-6)
+        coef = clip / (n64 + 1e-6)
+        want = g64 * coef if coef < 1 else g64
+        torch.testing.assert_close(p.grad.double(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_bench_setup_quick_row() -> None:
+    row = bstep.bench_setup(TINY, rounds=2, warmup=1, optimizer_repeats=1)
+    assert row["loss_rel_diff_first_step"] < 1e-5
+    for side in ("reference", "ours"):
+        assert row[side]["total"] == pytest.approx(sum(row[side][p] for p in bstep.PHASES), rel=1e-9)
+        assert row[f"images_per_s_{side}"] == pytest.approx(TINY.batch / row[side]["total"])
+    assert row["ours_optimizer"] in ("AdamW foreach", "AdamW fused", "AdamW default")
+    assert row["optimizer_variants_s"]["apex"] in ("apex not installed", "apex: CUDA only, not timed on CPU")
+    assert min(row["speedup_min_max"]) <= row["speedup"] <= max(row["speedup_min_max"])
+    assert row["params"] == sum(p.numel() for p in bstep.build_models(TINY, "math")[0].parameters())
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"arch": "vit_huge"}, "arch must be"),
+    ({"batch": 0}, "batch must be a positive int"),
+    ({"n_local": -1}, "n_local must be"),
+    ({"autocast": "fp16"}, "autocast must be"),
+    ({"device": "tpu"}, "device must be"),
+])
+def test_setup_validation(kw: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(TINY, **kw)
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="kind must be"):
+        bstep.StepSide(TINY, "fast", {})
+    with pytest.raises(ValueError, match="optimizer variant"):
+        bstep.make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], "lion")
+    with pytest.raises(ValueError, match="rounds must be"):
+        bstep.bench_setup(TINY, rounds=0, warmup=0)
