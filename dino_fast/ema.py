@@ -52,7 +52,11 @@ from torch import nn
 
 from dino_fast._backend import check_backend, resolve_backend
 
-__all__ = ["TeacherEMA", "ema_update_"]
+__all__ = ["TeacherEMA", "ema_update_", "NonFiniteEMAError"]
+
+
+class NonFiniteEMAError(ValueError):
+    """A student (or teacher) tensor holds NaN/inf at an EMA update (``check_finite=True`` only)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,6 +305,10 @@ class TeacherEMA:
             ``"torch"``/``"cpu"``, ``"reference"`` (official per-parameter loop).
         include_buffers: also average floating-point buffers (e.g. BatchNorm running stats);
             the official DINO averages parameters only (the default).
+        check_finite: before every update, check the student's flat buffer with one
+            ``isfinite().all()`` reduction (one read of the student, one host sync) and raise
+            :class:`NonFiniteEMAError` naming the first offending tensor and element instead of
+            averaging NaN/inf into the teacher. Off by default (the drop-in behaviour).
 
     After construction every teacher tensor is a view into :attr:`teacher_buffer`
     (float32, shape ``(numel,)``) and every student tensor a view into
@@ -322,14 +330,18 @@ class TeacherEMA:
         *,
         backend: str = "auto",
         include_buffers: bool = False,
+        check_finite: bool = False,
     ) -> None:
         for name, mod in (("teacher", teacher), ("student", student)):
             if not isinstance(mod, nn.Module):
                 raise TypeError(f"{name} must be a torch.nn.Module, got {type(mod).__name__}")
         if not isinstance(include_buffers, bool):
             raise TypeError(f"include_buffers must be a bool, got {type(include_buffers).__name__}")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
         self.backend = check_backend(backend)
         self.include_buffers = include_buffers
+        self.check_finite = check_finite
         self.teacher = unwrap_module(teacher)
         self.student = unwrap_module(student)
         if self.teacher is self.student:
@@ -413,12 +425,26 @@ class TeacherEMA:
         """
         m = _check_momentum(momentum)
         self._ensure_bound()
+        if self.check_finite and not bool(torch.isfinite(self._s.flat).all()):
+            self._raise_non_finite()
         backend = resolve_backend(self.backend, self._t.flat.device)
         with torch.no_grad():
             if backend == "reference":
                 _reference_update_(self._t.tensors, self._s.tensors, m)
             else:
                 _flat_update_(self._t.flat, self._s.flat, m, backend)
+
+    def _raise_non_finite(self) -> None:
+        for name, t in zip(self._s.names, self._s.tensors):
+            bad = ~torch.isfinite(t.detach())
+            if bool(bad.any()):
+                idx = tuple(int(i) for i in bad.nonzero()[0])
+                raise NonFiniteEMAError(
+                    f"student tensor {name!r} {tuple(t.shape)} holds a non-finite value "
+                    f"({t.detach()[idx].item()}) at index {idx} ({int(bad.sum())} non-finite element(s)); "
+                    f"the EMA update was not applied, the teacher is unchanged"
+                )
+        raise NonFiniteEMAError("the student's flat buffer holds a non-finite value outside its tensors")
 
     def __repr__(self) -> str:
         return (f"TeacherEMA(tensors={self.num_tensors}, numel={self.numel}, dtype={self._t.flat.dtype}, "

@@ -17,18 +17,27 @@ brightness ``x*f``, contrast blends with the mean of the grayscale image, satura
 the grayscale image, hue rotates H in HSV, every step clamped to [0, 1]); the Gaussian blur is a
 separable convolution truncated at 3 sigma with replicated borders (PIL's blur is an iterated box
 approximation of the same Gaussian).
+
+Randomness: either a ``torch.Generator`` (one stream for the whole batch, so a sample's
+parameters depend on its position in the batch), or, with ``sample_ids``, a counter-based hash
+of ``(seed, epoch, global sample index, crop, draw)`` (the hash of :mod:`dino_fast.data.crops`,
+draws 64.. of the crop's stream; draws 0..39 pick its box). With ``sample_ids`` a sample's
+parameters do not depend on the batch it is in nor on how the batch is split across ranks: a
+run on W ranks at batch b augments exactly as one process at batch W*b.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MultiCropAugment", "PhotometricParams", "rgb_to_grayscale", "adjust_hue", "gaussian_blur"]
+__all__ = ["MultiCropAugment", "PhotometricParams", "rgb_to_grayscale", "adjust_hue", "gaussian_blur",
+           "counter_uniform"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,6 +72,55 @@ class PhotometricParams:
     def to(self, device: torch.device) -> "PhotometricParams":
         """Copy of the parameters on ``device``."""
         return PhotometricParams(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+
+
+_M32 = np.uint64(0xFFFFFFFF)
+_PHOTOMETRIC_DRAW0 = 64  # draws 0..39 of a crop's stream choose its box (crops.crop_box)
+_N_DRAWS = 14  # 10 Bernoulli/uniform draws + 4 for the jitter order
+
+
+def _lowbias32_np(x: np.ndarray) -> np.ndarray:
+    """Vectorised :func:`dino_fast.data.crops._lowbias32` on uint64 arrays (values < 2**32)."""
+    x = x & _M32
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & _M32
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & _M32
+    x ^= x >> np.uint64(16)
+    return x
+
+
+def counter_uniform(seed: int, epoch: int, samples: np.ndarray, crops: np.ndarray, n_draws: int,
+                    first_draw: int = _PHOTOMETRIC_DRAW0) -> np.ndarray:
+    """Counter-based uniforms: float32 ``[N, n_draws]`` in [0, 1) (24 random bits each).
+
+    Entry ``[n, j]`` is a pure function of ``(seed, epoch, samples[n], crops[n], first_draw + j)``,
+    bit-identical to the key/draw hash of :func:`dino_fast.data.crops.crop_box` (truncated to 24
+    bits so that float32 represents it exactly, hence never rounds up to 1.0).
+
+    Args:
+        seed, epoch: non-negative ints.
+        samples, crops: int arrays ``[N]`` (global sample index, crop index), non-negative.
+        n_draws: draws per row.
+    """
+    samples = np.asarray(samples, dtype=np.int64)
+    crops = np.asarray(crops, dtype=np.int64)
+    if samples.shape != crops.shape or samples.ndim != 1:
+        raise ValueError(f"samples and crops must be 1-D of one length, got {samples.shape} and {crops.shape}")
+    if seed < 0 or epoch < 0 or (samples.size and (samples.min() < 0 or crops.min() < 0)):
+        raise ValueError("seed, epoch, samples and crops must be >= 0")
+    m32 = 0xFFFFFFFF
+    h = _lowbias32_np(np.full(samples.shape, (seed & m32) ^ 0x9E3779B9, dtype=np.uint64))
+    h = _lowbias32_np(h ^ np.uint64((seed >> 32) & m32))
+    h = _lowbias32_np(h ^ np.uint64(epoch & m32))
+    su = samples.astype(np.uint64)
+    h = _lowbias32_np(h ^ (su & _M32))
+    h = _lowbias32_np(h ^ (su >> np.uint64(32)))
+    key = _lowbias32_np(h ^ (crops.astype(np.uint64) & _M32))
+    draws = np.arange(first_draw, first_draw + n_draws, dtype=np.uint64)
+    dk = _lowbias32_np((draws * np.uint64(0x632BE5AB) + np.uint64(0x2545F491)) & _M32)
+    out = _lowbias32_np(key[:, None] ^ dk[None, :])
+    return ((out >> np.uint64(8)).astype(np.float32) * np.float32(2.0**-24)).astype(np.float32)
 
 
 def rgb_to_grayscale(x: Tensor) -> Tensor:
@@ -226,6 +284,26 @@ class MultiCropAugment(nn.Module):
         dev = generator.device if generator is not None else (device or torch.device("cpu"))
         u = torch.rand((n, 10), generator=generator, device=dev)
         order = torch.rand((n, 4), generator=generator, device=dev).argsort(dim=1)
+        return self._params_from_uniforms(u, order, blur_p, solarize_p)
+
+    def sample_params_counter(
+        self, blur_p: Tensor, solarize_p: Tensor, *, seed: int, epoch: int, samples: np.ndarray,
+        crops: np.ndarray, device: Optional[torch.device] = None,
+    ) -> PhotometricParams:
+        """Parameters of N crops from the counter-based hash (see the module doc).
+
+        Args:
+            blur_p, solarize_p: float [N] per-crop probabilities.
+            seed, epoch: ints >= 0 naming the stream.
+            samples, crops: int [N] global sample index and crop index of every row.
+            device: where the parameters live (default CPU).
+        """
+        dev = device or torch.device("cpu")
+        u_all = torch.from_numpy(counter_uniform(seed, epoch, samples, crops, _N_DRAWS)).to(dev)
+        return self._params_from_uniforms(u_all[:, :10], u_all[:, 10:].argsort(dim=1), blur_p, solarize_p)
+
+    def _params_from_uniforms(self, u: Tensor, order: Tensor, blur_p: Tensor, solarize_p: Tensor) -> PhotometricParams:
+        dev = u.device
         lo = torch.tensor([r[0] for r in self.jitter_ranges], device=dev)
         hi = torch.tensor([r[1] for r in self.jitter_ranges], device=dev)
         s_lo, s_hi = self.blur_sigma
@@ -276,14 +354,20 @@ class MultiCropAugment(nn.Module):
         return x
 
     def forward(
-        self, global_crops: Tensor, local_crops: Tensor, generator: Optional[torch.Generator] = None
+        self, global_crops: Tensor, local_crops: Tensor, generator: Optional[torch.Generator] = None,
+        *, sample_ids: Union[Tensor, np.ndarray, Sequence[int], None] = None, seed: int = 0, epoch: int = 0,
     ) -> list[Tensor]:
         """Augment a multi-crop batch.
 
         Args:
             global_crops: uint8 ``[B, G, 3, Gs, Gs]``.
             local_crops: uint8 ``[B, L, 3, Ls, Ls]`` with ``L == local_crops_number``.
-            generator: random source (any device); default: the global generator of the input's device.
+            generator: random source (any device); default: the global generator of the input's
+                device. Ignored when ``sample_ids`` is given.
+            sample_ids: int ``[B]`` global dataset index of every sample: the parameters are then
+                a pure function of ``(seed, epoch, sample id, crop)`` (independent of the batch
+                composition and of the rank).
+            seed, epoch: name the counter-based stream (used with ``sample_ids`` only).
 
         Returns:
             ``G + L`` float32 tensors ``[B, 3, *, *]``, normalised, crop-major (global 1,
@@ -304,18 +388,35 @@ class MultiCropAugment(nn.Module):
         if local_crops.device != global_crops.device:
             raise ValueError(f"global and local crops on different devices: {global_crops.device} vs {local_crops.device}")
         dev = global_crops.device
+        ids: Optional[np.ndarray] = None
+        if sample_ids is not None:
+            ids = (sample_ids.detach().cpu().numpy() if isinstance(sample_ids, Tensor)
+                   else np.asarray(sample_ids)).astype(np.int64, copy=False)
+            if ids.shape != (b,):
+                raise ValueError(f"sample_ids must have shape ({b},) (one id per sample), got {ids.shape}")
+            for name, v in (("seed", seed), ("epoch", epoch)):
+                if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+                    raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+
+        def params_for(first_crop: int, n_crops: int, blur_p: Tensor, sol_p: Tensor) -> PhotometricParams:
+            if ids is None:
+                return self.sample_params(blur_p, sol_p, generator=generator, device=dev)
+            crops = np.repeat(np.arange(first_crop, first_crop + n_crops, dtype=np.int64), b)
+            return self.sample_params_counter(blur_p, sol_p, seed=int(seed), epoch=int(epoch),
+                                              samples=np.tile(ids, n_crops), crops=crops, device=dev)
+
         out: list[Tensor] = []
         # crop-major rows: row = crop * B + sample
         crop_idx = torch.arange(g).repeat_interleave(b)
         blur_p = torch.where(crop_idx == 0, self.global_blur_p[0], self.global_blur_p[1])
         sol_p = torch.where(crop_idx == 0, 0.0, self.solarization_p)
-        params = self.sample_params(blur_p, sol_p, generator=generator, device=dev)
+        params = params_for(0, g, blur_p, sol_p)
         xg = self.apply(global_crops.transpose(0, 1).reshape(g * b, *global_crops.shape[2:]), params)
         out.extend(xg.split(b))
         ln = local_crops.shape[1]
         if ln:
             blur_p = torch.full((ln * b,), self.local_blur_p)
-            params = self.sample_params(blur_p, torch.zeros(ln * b), generator=generator, device=dev)
+            params = params_for(g, ln, blur_p, torch.zeros(ln * b))
             xl = self.apply(local_crops.transpose(0, 1).reshape(ln * b, *local_crops.shape[2:]), params)
             out.extend(xl.split(b))
         return out

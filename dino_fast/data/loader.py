@@ -212,7 +212,19 @@ class MultiCropLoader:
         """Iterate the current epoch from batch ``batch_index`` (earlier batches are not decoded)."""
         self._check_start(batch_index)
         batches = self.batch_indices()[batch_index:]
-        for out in self._backend.iterate(self.epoch, batches):
+        it = iter(self._backend.iterate(self.epoch, batches))
+        fault = os.environ.get("DINO_FAST_FAULT")  # test-only, see dino_fast.train.checkpoint
+        k = batch_index
+        while True:
+            if fault:
+                from dino_fast.train.checkpoint import fault_point
+
+                fault_point("data_loading", self.epoch * len(self) + k)
+            try:
+                out = next(it)
+            except StopIteration:
+                return
+            k += 1
             yield out if self.return_boxes else out[:3]
 
     def __iter__(self) -> Iterator[Batch]:

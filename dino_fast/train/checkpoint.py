@@ -1,13 +1,29 @@
 """Atomic checkpoints: write to a temporary file, fsync, rename, fsync the folder.
 
 A kill at any moment leaves either the previous checkpoint or the new one, never a torn file;
-a full disk during the write raises and leaves the previous checkpoint intact.
+a full disk during the write raises :class:`CheckpointError` (naming the file and the OS error)
+and leaves the previous checkpoint intact.
+
+Fault injection (tests only): the environment variable ``DINO_FAST_FAULT=<point>:<iteration>``
+makes :func:`fault_point` kill the process with SIGKILL when the trainer reaches ``<point>`` at
+``<iteration>`` (0-based training iteration). Points:
+
+- ``data_loading``: inside the loader, while the batch of that iteration is being fetched;
+- ``mid_iteration``: after the backward pass, before the optimizer step;
+- ``before_ema``: after the optimizer step, before the teacher EMA update;
+- ``checkpoint_write``: inside :func:`atomic_save` of the checkpoint written after that
+  iteration (``obj["iteration"] == iteration + 1``), when half of its bytes are on disk;
+- ``after_checkpoint``: right after that checkpoint was renamed into place.
+
+Unset (the normal case) it costs one dictionary lookup per call.
 """
 from __future__ import annotations
 
+import errno
 import io
 import os
 import re
+import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -16,10 +32,45 @@ import torch
 
 CHECKPOINT_NAME = "checkpoint.pth"
 FORMAT_VERSION = 1
+FAULT_ENV = "DINO_FAST_FAULT"
+FAULT_POINTS = ("data_loading", "mid_iteration", "before_ema", "checkpoint_write", "after_checkpoint")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: truncated, corrupt, or from another configuration."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Writing a checkpoint failed (full disk, I/O error); the previous checkpoint is intact.
+
+    Both a :class:`CheckpointError` and an :class:`OSError` (``errno`` is the original one).
+    """
+
+
+def _parse_fault(raw: str) -> tuple[str, int]:
+    point, sep, it = raw.partition(":")
+    if not sep or point not in FAULT_POINTS or not it.strip().isdigit():
+        raise ValueError(f"{FAULT_ENV} must be '<point>:<iteration>' with point one of {', '.join(FAULT_POINTS)} "
+                         f"and iteration an int >= 0, got {raw!r}")
+    return point, int(it)
+
+
+def fault_point(point: str, iteration: Optional[int]) -> None:
+    """Test-only fault injection: SIGKILL this process if ``DINO_FAST_FAULT`` is ``point:iteration``.
+
+    Args:
+        point: one of :data:`FAULT_POINTS`.
+        iteration: the training iteration (int) the caller is at; None never matches.
+
+    Raises:
+        ValueError: ``DINO_FAST_FAULT`` is set but malformed.
+    """
+    raw = os.environ.get(FAULT_ENV)
+    if not raw or iteration is None:
+        return
+    want_point, want_it = _parse_fault(raw)
+    if want_point == point and want_it == int(iteration):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -37,28 +88,48 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     """Serialise ``obj`` with ``torch.save`` to ``path`` atomically.
 
     The bytes are written to a temporary file in the same folder, flushed and fsynced, then
-    renamed over ``path`` (atomic on POSIX) and the folder is fsynced. On any error (a full disk
-    included) the temporary file is removed and the previous ``path`` is untouched.
+    renamed over ``path`` (atomic on POSIX) and the folder is fsynced. On any error the temporary
+    file is removed and the previous ``path`` is untouched.
+
+    Raises:
+        CheckpointWriteError: the write failed with an OS error (a full disk, ENOSPC, included); the
+            message names the file, says the previous one is intact, and chains the OSError.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     torch.save(obj, buf)
     data = buf.getbuffer()
+    fault_it = None
+    if FAULT_ENV in os.environ and isinstance(obj, dict) and isinstance(obj.get("iteration"), int):
+        fault_it = obj["iteration"] - 1  # the checkpoint written after iteration `it` holds it + 1
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            half = len(data) // 2
+            f.write(data[:half])
+            if fault_it is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                fault_point("checkpoint_write", fault_it)
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
+        if isinstance(e, OSError):
+            what = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "an OS error"
+            kept = f"the previous {path.name} is intact" if path.exists() else "no previous checkpoint existed"
+            err = CheckpointWriteError(f"could not write checkpoint {path} ({len(data)} bytes): {what} ({e}); {kept}")
+            err.errno = e.errno
+            raise err from e
         raise
     _fsync_dir(path.parent)
+    fault_point("after_checkpoint", fault_it)
     return path
 
 
@@ -88,6 +159,23 @@ def find_latest(output_dir: str | Path) -> Optional[Path]:
     """The checkpoint to resume from in ``output_dir`` (``checkpoint.pth``), or None."""
     p = Path(output_dir) / CHECKPOINT_NAME
     return p if p.is_file() else None
+
+
+def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:
+    """Delete the temporary files that writes killed mid-way left in ``output_dir``
+    (``.checkpoint*.pth.*.tmp``; a killed write never touches the checkpoint itself).
+
+    Call it only when no other process is writing checkpoints there (rank 0, before training).
+    Returns the removed paths.
+    """
+    removed = []
+    for p in Path(output_dir).glob(".checkpoint*.pth.*.tmp"):
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:  # pragma: no cover - removed concurrently
+            pass
+    return removed
 
 
 def numbered_name(epoch: int) -> str:

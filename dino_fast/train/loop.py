@@ -12,6 +12,16 @@ Exact resume: every iteration reseeds its random streams from (seed, rank, itera
 loader's order is a function of (seed, epoch), and checkpoints hold everything else (weights,
 optimizer, grad scaler, loss center, position, RNG states), so a run stopped anywhere and
 resumed with ``train.resume=auto`` ends with the same weights as an uninterrupted one.
+
+Rank independence: the photometric augmentation draws each sample's parameters from a
+counter-based hash of (seed, epoch, global sample index, crop), so W ranks at batch b augment
+exactly as one process at batch W*b (drop path still draws from the per-rank stream).
+
+Reliability (docs/reliability.md): every iteration all-reduces one small tensor holding the loss,
+a non-finite flag and a stop flag, so every rank stops at the same iteration on a NaN/inf
+(with ``train.check_finite`` the student and teacher outputs are checked, and the rank that holds
+the bad value names its crop and row) and on SIGTERM/SIGINT (a checkpoint, then exit 0).
+The test-only fault-injection hook is documented in :mod:`dino_fast.train.checkpoint`.
 """
 from __future__ import annotations
 
@@ -25,23 +35,27 @@ import random
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as torch_dist
 from torch import nn
 
 from dino_fast.train import checkpoint as ckpt_mod
 from dino_fast.train.config import ConfigError, TrainConfig, load_config
-from dino_fast.train.distributed import DistInfo, barrier, cleanup, init_distributed
+from dino_fast.train.checkpoint import fault_point
+from dino_fast.train.distributed import DistInfo, barrier, cleanup, init_distributed, is_dist
 from dino_fast.train.optim import cancel_gradients_last_layer, clip_gradients, param_groups
 
 log = logging.getLogger("dino_fast.train")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stops and the last good checkpoint is kept."""
+    """The loss, the model outputs or the student's weights became NaN/inf; the run stops at that
+    iteration (on every rank) and the last good checkpoint is kept."""
 
 
 class TrainingInterrupted(Exception):
@@ -166,20 +180,25 @@ class Trainer:
 
         # data
         root = self.train_root()
-        self.loader = build_multicrop_loader(
-            MultiCropConfig(
-                root=str(root), backend=cfg.data.backend,
-                global_crops_number=cfg.data.global_crops_number,
-                global_crops_size=cfg.data.global_crops_size,
-                global_crops_scale=tuple(cfg.data.global_crops_scale),
-                local_crops_number=cfg.data.local_crops_number,
-                local_crops_size=cfg.data.local_crops_size,
-                local_crops_scale=tuple(cfg.data.local_crops_scale),
-                batch_size=cfg.data.batch_size_per_gpu, num_workers=cfg.data.num_workers,
-                seed=cfg.train.seed, drop_last=True,
-            ),
-            rank=self.dist.rank, world_size=self.dist.world_size,
-        )
+        with warnings.catch_warnings(record=True) as caught:  # skipped files, named, into the log
+            warnings.simplefilter("always")
+            self.loader = build_multicrop_loader(
+                MultiCropConfig(
+                    root=str(root), backend=cfg.data.backend,
+                    global_crops_number=cfg.data.global_crops_number,
+                    global_crops_size=cfg.data.global_crops_size,
+                    global_crops_scale=tuple(cfg.data.global_crops_scale),
+                    local_crops_number=cfg.data.local_crops_number,
+                    local_crops_size=cfg.data.local_crops_size,
+                    local_crops_scale=tuple(cfg.data.local_crops_scale),
+                    batch_size=cfg.data.batch_size_per_gpu, num_workers=cfg.data.num_workers,
+                    seed=cfg.train.seed, drop_last=True,
+                ),
+                rank=self.dist.rank, world_size=self.dist.world_size,
+            )
+        for w in caught:
+            if self.dist.is_main:
+                log.warning("%s", w.message)
         self.niter_per_epoch = len(self.loader)
         if self.niter_per_epoch == 0:
             raise ValueError(
@@ -201,14 +220,15 @@ class Trainer:
             self.student_ddp = nn.parallel.DistributedDataParallel(
                 self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
-        self.ema = TeacherEMA(self.teacher, self.student_ddp, backend=cfg.optim.ema_backend)
+        self.ema = TeacherEMA(self.teacher, self.student_ddp, backend=cfg.optim.ema_backend,
+                              check_finite=cfg.train.check_finite)
 
         ncrops = cfg.data.global_crops_number + cfg.data.local_crops_number
         self.dino_loss = DINOLoss(
             cfg.model.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
             cfg.loss.warmup_teacher_temp_epochs, cfg.train.epochs, student_temp=cfg.loss.student_temp,
             center_momentum=cfg.loss.center_momentum, backend=cfg.loss.backend,
-            async_center=cfg.loss.async_center, check_finite=cfg.train.check_finite,
+            async_center=cfg.loss.async_center, check_finite=False,  # checked in train_step, on all ranks
         ).to(self.device)
 
         # optimisation
@@ -227,6 +247,7 @@ class Trainer:
         self.iteration = 0
         self.last_loss = float("nan")
         self._stop_signal: Optional[int] = None
+        self._stop_all = False
         self._metrics_file = None
         self._tb = None
 
@@ -273,17 +294,33 @@ class Trainer:
     def save(self, next_epoch: int, next_batch: int, *, numbered: bool = False) -> Optional[Path]:
         """Write ``checkpoint.pth`` atomically (rank 0 only); optionally a numbered copy."""
         path = None
+        error: Optional[BaseException] = None
         if self.dist.is_main:
-            st = self.state(next_epoch, next_batch)
-            path = ckpt_mod.atomic_save(st, self.out_dir / ckpt_mod.CHECKPOINT_NAME)
-            if numbered:
-                ckpt_mod.atomic_save(st, self.out_dir / ckpt_mod.numbered_name(next_epoch))
-        barrier()
+            try:
+                st = self.state(next_epoch, next_batch)
+                path = ckpt_mod.atomic_save(st, self.out_dir / ckpt_mod.CHECKPOINT_NAME)
+                if numbered:
+                    ckpt_mod.atomic_save(st, self.out_dir / ckpt_mod.numbered_name(next_epoch))
+            except Exception as e:  # noqa: BLE001 - told to every rank below, then re-raised
+                error = e
+        if is_dist():  # every rank learns whether rank 0's write failed (no rank left in a barrier)
+            flag = torch.tensor([1.0 if error is not None else 0.0], device=self._collective_device())
+            torch_dist.all_reduce(flag)
+            if error is None and flag.item() > 0:
+                raise ckpt_mod.CheckpointError("rank 0 could not write the checkpoint (see its log); stopping")
+        if error is not None:
+            raise error
         return path
+
+    def _collective_device(self) -> torch.device:
+        return self.device if (is_dist() and torch_dist.get_backend() == "nccl") else torch.device("cpu")
 
     def maybe_resume(self) -> bool:
         """Resume per ``train.resume``: ``auto`` (latest in output_dir, if any), ``none``, or a path."""
         mode = self.cfg.train.resume
+        if self.dist.is_main and self.out_dir.is_dir():
+            for p in ckpt_mod.remove_stale_temporaries(self.out_dir):
+                log.info("removed %s, left by a checkpoint write that was interrupted", p.name)
         if mode == "none":
             return False
         path = ckpt_mod.find_latest(self.out_dir) if mode == "auto" else Path(mode)
@@ -345,8 +382,24 @@ class Trainer:
         return previous
 
     # ---------------------------------------------------------------- one step
-    def train_step(self, global_crops: torch.Tensor, local_crops: torch.Tensor, epoch: int, it: int) -> float:
-        """One optimisation step on a batch of uint8 crops; returns the loss (a Python float)."""
+    def train_step(self, global_crops: torch.Tensor, local_crops: torch.Tensor, epoch: int, it: int,
+                   sample_ids: Optional[np.ndarray] = None) -> float:
+        """One optimisation step on a batch of uint8 crops; returns the loss (a Python float).
+
+        Args:
+            global_crops: uint8 ``[B, G, 3, Gs, Gs]``; local_crops: uint8 ``[B, L, 3, Ls, Ls]``.
+            epoch, it: the epoch and the global iteration (0-based).
+            sample_ids: int ``[B]`` dataset indices of the batch's samples; when given, the
+                augmentation is a function of (seed, epoch, sample id) (rank-independent), else
+                of the per-iteration generator.
+
+        Returns the loss averaged over ranks (the global-batch loss).
+
+        Raises:
+            NonFiniteLossError: NaN/inf in the loss, in the model outputs (``train.check_finite``)
+                or in the student's weights after the step (``train.check_finite``); raised on
+                every rank at the same iteration.
+        """
         cfg = self.cfg
         for i, group in enumerate(self.optimizer.param_groups):
             group["lr"] = float(self.lr_schedule[it])
@@ -358,15 +411,29 @@ class Trainer:
         gen.manual_seed(seed)
         nb = self.device.type == "cuda"
         crops = self.augment(global_crops.to(self.device, non_blocking=nb),
-                             local_crops.to(self.device, non_blocking=nb), generator=gen)
+                             local_crops.to(self.device, non_blocking=nb), generator=gen,
+                             sample_ids=sample_ids, seed=cfg.train.seed, epoch=epoch)
         with _autocast(self.device, self.precision):
             teacher_out = self.teacher(crops[: cfg.data.global_crops_number])
             student_out = self.student_ddp(crops)
+        if cfg.train.check_finite:  # one fused reduction per output, no sync yet
+            bad = (~torch.isfinite(student_out.detach()).all()) | (~torch.isfinite(teacher_out.detach()).all())
+        else:
+            bad = torch.zeros((), dtype=torch.bool, device=student_out.device)
         loss = self.dino_loss(student_out, teacher_out, epoch)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        # one small all-reduce: [loss, ranks with non-finite outputs, ranks asked to stop]
+        stats = torch.stack([loss.detach().float(), bad.float(),
+                             torch.tensor(float(self._stop_signal is not None), device=bad.device)])
+        if is_dist():
+            stats = stats.to(self._collective_device())
+            torch_dist.all_reduce(stats)
+            stats[0] /= self.dist.world_size
+        loss_value, n_bad, n_stop = stats.tolist()
+        self._stop_all = n_stop > 0
+        if n_bad > 0 or not math.isfinite(loss_value):
+            detail = self._non_finite_detail(student_out, teacher_out)
             raise NonFiniteLossError(
-                f"loss is {loss_value} at iteration {it} (epoch {epoch}); stopping. The last good "
+                f"loss is {loss_value} at iteration {it} (epoch {epoch}){detail}; stopping. The last good "
                 f"checkpoint in {self.out_dir} is kept"
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -375,10 +442,35 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
             clip_gradients(self.student.parameters(), cfg.optim.clip_grad, cfg.optim.clip_mode)
         cancel_gradients_last_layer(epoch, self.student, cfg.optim.freeze_last_layer)
-        self.scaler.step(self.optimizer)
+        fault_point("mid_iteration", it)
+        self.scaler.step(self.optimizer)  # skipped (and the scale lowered) when a gradient is inf/NaN
         self.scaler.update()
-        self.ema.update(float(self.momentum_schedule[it]))
+        fault_point("before_ema", it)
+        from dino_fast.ema import NonFiniteEMAError
+
+        try:
+            self.ema.update(float(self.momentum_schedule[it]))
+        except NonFiniteEMAError as e:  # identical weights on every rank: every rank raises
+            raise NonFiniteLossError(
+                f"non-finite student weights after the optimizer step at iteration {it} (epoch {epoch}): {e}; "
+                f"stopping. The last good checkpoint in {self.out_dir} is kept"
+            ) from e
         return loss_value
+
+    def _non_finite_detail(self, student_out: torch.Tensor, teacher_out: torch.Tensor) -> str:
+        """Where the first NaN/inf of this rank's outputs is (crop and row), or which rank has it."""
+        from dino_fast.loss import NonFiniteError, _check_finite
+
+        rows = max(student_out.shape[0] // max(self.dino_loss.ncrops, 1), 1)
+        try:
+            _check_finite(student_out.detach(), "student_output", rows)
+            _check_finite(teacher_out.detach(), "teacher_output", rows)
+        except NonFiniteError as e:
+            where = f" on rank {self.dist.rank}" if self.dist.distributed else ""
+            return f": {e}{where}"
+        if self.dist.distributed:
+            return f" (this rank's outputs are finite: another rank holds the non-finite value; see its log)"
+        return " (the model outputs are finite: the loss overflowed)"
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
@@ -407,13 +499,14 @@ class Trainer:
             for epoch in range(self.start_epoch, cfg.train.epochs):
                 start = self.start_batch if epoch == self.start_epoch else 0
                 self.loader.set_epoch(epoch)
+                epoch_ids = self.loader.batch_indices()
                 batches = self.loader.iter_from(start) if start else iter(self.loader)
                 for i, (g, l, _) in enumerate(batches, start=start):
                     it = epoch * self.niter_per_epoch + i
                     if it >= total:
                         break
                     self.student.train()
-                    loss = self.train_step(g, l, epoch, it)
+                    loss = self.train_step(g, l, epoch, it, sample_ids=epoch_ids[i])
                     self.iteration = it + 1
                     self.last_loss = loss
                     iters_run += 1
@@ -429,11 +522,12 @@ class Trainer:
                                            "teacher_temp": float(self.dino_loss.teacher_temp_schedule[epoch]),
                                            "images_per_s": images / max(dt, 1e-9)})
                     next_epoch, next_batch = (epoch, i + 1) if i + 1 < self.niter_per_epoch else (epoch + 1, 0)
-                    if self._stop_signal is not None:
+                    if self._stop_all:  # agreed by every rank in train_step's all-reduce
                         self.save(next_epoch, next_batch)
                         interrupted = True
+                        sig = signal.Signals(self._stop_signal).name if self._stop_signal else "a stop signal on another rank"
                         raise TrainingInterrupted(
-                            f"signal {signal.Signals(self._stop_signal).name} at iteration {it}: checkpoint "
+                            f"{sig} received at iteration {it}: checkpoint "
                             f"written to {self.out_dir / ckpt_mod.CHECKPOINT_NAME}; resume with train.resume=auto"
                         )
                     every = cfg.train.checkpoint_every_iters
