@@ -78,6 +78,13 @@ def _met(b: dict[str, Any]) -> str:
     return "**MET**" if b.get("met") else "**NOT MET**"
 
 
+def _target(value: Any, target: Any, met: bool) -> Any:
+    """The target with its direction (">= x" or "<= x"), inferred from value, target and verdict."""
+    if not isinstance(value, (int, float)) or not isinstance(target, (int, float)) or value == target:
+        return target
+    return f"{'>=' if (value >= target) == bool(met) else '<='} {fmt(target)}"
+
+
 def _provenance(doc: dict[str, Any]) -> str:
     m = doc.get("machine", {})
     bits = [f"measured {doc.get('timestamp', '?')}"]
@@ -109,18 +116,20 @@ def _bars(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         bars = doc.get("bars")
         if isinstance(bars, dict):
             for k, b in bars.items():
-                rows.append({"suite": suite, "bar": k, "value": b.get("value"), "target": b.get("bar"),
+                rows.append({"suite": suite, "bar": k, "value": b.get("value"),
+                             "target": _target(b.get("value"), b.get("bar"), b.get("met")),
                              "met": _met(b), "note": b.get("note", "")})
         if suite == "ema" and "bar_vit_s" in doc and doc.get("rows"):
             r0 = doc["rows"][0]
             ok = r0["cpu_speedup_vs_reference"] >= doc["bar_vit_s"]
             rows.append({"suite": "ema", "bar": f"cpu_speedup_vs_reference ({r0['model']})",
-                         "value": r0["cpu_speedup_vs_reference"], "target": doc["bar_vit_s"],
+                         "value": r0["cpu_speedup_vs_reference"], "target": f">= {fmt(doc['bar_vit_s'])}",
                          "met": _met({"met": ok}), "note": doc.get("verdict_vit_s", "")})
         if suite == "loader" and isinstance(doc.get("bar"), dict):
             b = doc["bar"]
             rows.append({"suite": "loader", "bar": b.get("metric", "bar"), "value": b.get("value"),
-                         "target": b.get("target"), "met": _met(b), "note": ""})
+                         "target": _target(b.get("value"), b.get("target"), b.get("met")), "met": _met(b),
+                         "note": ""})
     return rows
 
 
@@ -310,7 +319,9 @@ def make_plots(results: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
     if loss and loss.get("sweep"):
         fig, ax = plt.subplots(2, 2, figsize=(10, 7))
         for col, axis, xkey in ((0, "K", "K"), (1, "B", "B")):
-            rows = sorted((r for r in loss["sweep"] if r["axis"] == axis), key=lambda r: r[xkey])
+            # every row at the fixed value of the other axis (the shared point B=8, K=65536 is in both)
+            fixed_key, fixed_val = ("B", 8) if axis == "K" else ("K", 65536)
+            rows = sorted((r for r in loss["sweep"] if r[fixed_key] == fixed_val), key=lambda r: r[xkey])
             xs = [r[xkey] for r in rows]
             for side, key, style in (("reference", "ref", "o-"), ("dino-fast", "ours", "s-")):
                 ax[0][col].plot(xs, [r[f"{key}_ms"] for r in rows], style, label=side)
