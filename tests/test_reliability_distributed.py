@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +166,83 @@ def test_counter_uniform_is_the_crop_hash():
             bits = int(uniform01(key, 7 + j) * 2**32) >> 8  # the same 32-bit hash, top 24 bits
             assert u[n, j] == np.float32(bits * 2.0**-24)
     assert u.dtype == np.float32 and (u >= 0).all() and (u < 1).all()
+
+
+def _one_rank_fails_worker(rank: int, world: int, port: int, data_root: str, out: str, result_dir: str) -> None:
+    """Rank ``rank`` of a 2-rank gloo run: SIGTERM reaches rank 1 only at iteration 2, then
+    (after a resume) rank 1 alone sees a NaN at iteration 5. Writes what each rank raised."""
+    import json
+    import signal as sig
+
+    from dino_fast.train.distributed import cleanup
+    from dino_fast.train.loop import NonFiniteLossError, TrainingInterrupted
+
+    os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    res = {}
+    try:
+        cfg = tiny_config(Path(data_root), Path(out), *COMMON, "train.max_iters=12")
+        tr = Trainer(cfg)
+        orig = tr.train_step
+
+        def step(g, l, epoch, it, sample_ids=None):
+            if rank == 1 and it == 2:
+                os.kill(os.getpid(), sig.SIGTERM)  # a real signal, to this rank only
+            return orig(g, l, epoch, it, sample_ids=sample_ids)
+
+        tr.train_step = step
+        try:
+            tr.fit()
+        except TrainingInterrupted as e:
+            res["stop"] = str(e)
+        tr2 = Trainer(tiny_config(Path(data_root), Path(out), *COMMON, "train.max_iters=12", "train.resume=auto"))
+        fwd = tr2.student.forward
+        calls = {"n": 0}
+
+        def poisoned(x):
+            y = fwd(x)
+            calls["n"] += 1
+            if rank == 1 and calls["n"] == 3:  # iteration 3 + 2 = 5 after resuming at 3
+                y = y.clone()
+                y[1 * 4 + 2, 0] = float("nan")  # crop 1, row 2
+            return y
+
+        tr2.student.forward = poisoned
+        try:
+            tr2.fit()
+        except NonFiniteLossError as e:
+            res["nan"] = str(e)
+    finally:
+        cleanup()
+        Path(result_dir, f"rank{rank}.json").write_text(json.dumps(res))
+
+
+@pytest.mark.slow
+def test_a_signal_or_a_nan_on_one_rank_stops_every_rank_at_the_same_iteration(data_root, tmp_path):
+    """No rank is left waiting in a collective: the stop and non-finite flags ride on the
+    per-iteration all-reduce, so both ranks stop together, rank 1 names the crop and row."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    out, res_dir = tmp_path / "out", tmp_path / "res"
+    res_dir.mkdir()
+    ctx = mp.start_processes(_one_rank_fails_worker, args=(2, free_port(), str(data_root), str(out), str(res_dir)),
+                             nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + 180
+    try:
+        while not ctx.join(timeout=2):
+            assert time.monotonic() < deadline, "the ranks did not finish: one is stuck in a collective"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    r0, r1 = (json.loads((res_dir / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert "SIGTERM received at iteration 2" in r1["stop"]
+    assert "a stop signal on another rank received at iteration 2" in r0["stop"]
+    assert "at iteration 5" in r0["nan"] and "at iteration 5" in r1["nan"]
+    assert "student_output has a non-finite value (nan) at crop 1, row 2" in r1["nan"] and "on rank 1" in r1["nan"]
+    assert "another rank holds the non-finite value" in r0["nan"]
+    st = ck.load_checkpoint(out / "checkpoint.pth")
+    assert st["iteration"] == 5  # written after iteration 4 (checkpoint_every_iters=5), the last good one

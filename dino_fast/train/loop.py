@@ -469,7 +469,7 @@ class Trainer:
             where = f" on rank {self.dist.rank}" if self.dist.distributed else ""
             return f": {e}{where}"
         if self.dist.distributed:
-            return f" (this rank's outputs are finite: another rank holds the non-finite value; see its log)"
+            return " (this rank's outputs are finite: another rank holds the non-finite value; see its log)"
         return " (the model outputs are finite: the loss overflowed)"
 
     # ---------------------------------------------------------------- the loop
