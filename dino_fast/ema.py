@@ -63,6 +63,12 @@ class NonFiniteEMAError(ValueError):
 # helpers
 # --------------------------------------------------------------------------------------------
 
+def _all_finite(t: torch.Tensor) -> torch.Tensor:
+    from dino_fast.loss import all_finite
+
+    return all_finite(t)
+
+
 def _check_momentum(momentum: object) -> float:
     if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
         raise TypeError(f"momentum must be a Python float in [0, 1], got {type(momentum).__name__}")
@@ -306,7 +312,8 @@ class TeacherEMA:
         include_buffers: also average floating-point buffers (e.g. BatchNorm running stats);
             the official DINO averages parameters only (the default).
         check_finite: before every update, check the student's flat buffer with one
-            ``isfinite().all()`` reduction (one read of the student, one host sync) and raise
+            min/max reduction (:func:`dino_fast.loss.all_finite`: one read of the student, one
+            host sync) and raise
             :class:`NonFiniteEMAError` naming the first offending tensor and element instead of
             averaging NaN/inf into the teacher. Off by default (the drop-in behaviour).
 
@@ -425,7 +432,7 @@ class TeacherEMA:
         """
         m = _check_momentum(momentum)
         self._ensure_bound()
-        if self.check_finite and not bool(torch.isfinite(self._s.flat).all()):
+        if self.check_finite and not bool(_all_finite(self._s.flat)):
             self._raise_non_finite()
         backend = resolve_backend(self.backend, self._t.flat.device)
         with torch.no_grad():

@@ -291,3 +291,22 @@ def test_ema_check_finite_names_the_tensor_and_leaves_the_teacher():
     assert not torch.isfinite(teacher[1].weight[2, 4])  # the inf went into the teacher silently
     with pytest.raises(TypeError, match="check_finite must be a bool"):
         TeacherEMA(teacher, student, check_finite=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_all_finite_agrees_with_isfinite(dtype):
+    """The one-read check (aminmax) the trainer and TeacherEMA use, against isfinite().all()."""
+    from dino_fast.loss import all_finite
+
+    rng = np.random.default_rng()
+    x = torch.randn(int(rng.integers(1, 300)), int(rng.integers(1, 300))).to(dtype)
+    y = torch.randn(int(rng.integers(1, 50))).to(dtype)
+    assert bool(all_finite(x, y)) and all_finite(x, y).dtype == torch.bool
+    for v in (float("nan"), float("inf"), float("-inf")):
+        bad = x.clone()
+        bad.view(-1)[int(rng.integers(0, x.numel()))] = v
+        assert bool(all_finite(bad, y)) is bool(torch.isfinite(bad).all()) is False
+        assert bool(all_finite(y, bad)) is False
+    big = torch.full((4,), torch.finfo(dtype).max, dtype=dtype)  # finite extremes stay finite
+    assert bool(all_finite(big, -big))
+    assert bool(all_finite(torch.empty(0, 5, dtype=dtype)))
