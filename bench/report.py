@@ -158,7 +158,10 @@ def section_step(doc: dict[str, Any], png_dir: str, plots: set[str]) -> str:
                      f"ceiling with forward+backward unchanged "
                      f"{fmt(r['speedup_ceiling_if_forward_backward_unchanged'])}x; "
                      f"{r['rounds']} interleaved rounds, per-round speed-up "
-                     f"{fmt(r['speedup_min_max'][0])}-{fmt(r['speedup_min_max'][1])}x")
+                     f"{fmt(r['speedup_min_max'][0])}-{fmt(r['speedup_min_max'][1])}x"
+                     + (f"; best-of-rounds step {fmt(r['reference_min']['total'] * 1e3)} vs "
+                        f"{fmt(r['ours_min']['total'] * 1e3)} ms ({fmt(r['speedup_of_min_totals'])}x)"
+                        if "reference_min" in r else ""))
     return "\n".join([
         "### End-to-end training step (`python -m bench.step`)", "",
         f"{_provenance(doc)}; device {doc.get('device', '?')}; apex: {doc.get('apex', '?')}.", "",
