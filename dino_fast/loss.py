@@ -148,10 +148,10 @@ def all_finite(*tensors: Tensor) -> Tensor:
     sync (call ``bool()`` on the result to get a Python bool). ``isfinite(x).all()`` instead runs
     5 eager kernels over x (abs, ne, eq, mul, all) and writes temporaries of x's size.
     """
-    ext = [torch.stack(torch.aminmax(t.detach().reshape(-1))).float() for t in tensors if t.numel()]
-    if not ext:
+    ok = [torch.isfinite(torch.stack(torch.aminmax(t.detach().reshape(-1)))) for t in tensors if t.numel()]
+    if not ok:  # (extremes are tested in their own dtype: a float64 max must not overflow a cast)
         return torch.ones((), dtype=torch.bool, device=tensors[0].device if tensors else "cpu")
-    return torch.isfinite(torch.cat(ext)).all()
+    return torch.cat(ok).all()
 
 
 def _check_finite(x: TensorOrCrops, name: str, rows_per_crop: int) -> None:
