@@ -1,4 +1,4 @@
-"""``dino-fast bench [loss|ema|attention|loader|step|all] [--quick]`` (also ``python -m bench``).
+"""``dino-fast bench [loss|ema|attention|loader|step|reliability|all] [--quick]`` (also ``python -m bench``).
 
 Runs the benchmark scripts of bench/, each of which prints its table and writes
 bench/results/NAME.json.
@@ -12,7 +12,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-SUITES = ("loss", "ema", "attention", "loader", "step")
+SUITES = ("loss", "ema", "attention", "loader", "step", "reliability")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
