@@ -324,7 +324,11 @@ def make_plots(results: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
         for col, axis, xkey in ((0, "K", "K"), (1, "B", "B")):
             # every row at the fixed value of the other axis (the shared point B=8, K=65536 is in both)
             fixed_key, fixed_val = ("B", 8) if axis == "K" else ("K", 65536)
-            rows = sorted((r for r in loss["sweep"] if r[fixed_key] == fixed_val), key=lambda r: r[xkey])
+            by_x: dict[int, dict[str, Any]] = {}
+            for r in loss["sweep"]:
+                if r[fixed_key] == fixed_val:
+                    by_x.setdefault(r[xkey], r)  # one point per x (older results repeat B=8, K=65536)
+            rows = [by_x[x] for x in sorted(by_x)]
             xs = [r[xkey] for r in rows]
             for side, key, style in (("reference", "ref", "o-"), ("dino-fast", "ours", "s-")):
                 ax[0][col].plot(xs, [r[f"{key}_ms"] for r in rows], style, label=side)
@@ -345,7 +349,7 @@ def make_plots(results: dict[str, dict[str, Any]], out_dir: Path) -> list[Path]:
         xs = [r["params"] / 1e6 for r in rows]
         fig, ax = plt.subplots(figsize=(6.5, 4.5))
         for key, label, style in (("cpu_reference_ms", "reference loop", "o-"),
-                                  ("cpu_foreach_lerp_ms", "_foreach_lerp_", "^-"),
+                                  ("cpu_foreach_lerp_ms", "torch._foreach_lerp_", "^-"),
                                   ("cpu_ours_ms", "dino-fast TeacherEMA", "s-"),
                                   ("cpu_copy_floor_ms", "copy_ floor", "k--")):
             ax.plot(xs, [r[key] for r in rows], style, label=label)
