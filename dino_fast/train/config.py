@@ -54,7 +54,9 @@ class DataConfig:
     local_crops_scale: tuple[float, float] = (0.05, 0.4)
     batch_size_per_gpu: int = 64
     num_workers: int = 8
-    augment_on_device: bool = True  # run MultiCropAugment on the training device
+    # Gaussian-blur sigma range in pixels of the output crop; the official (0.1, 2.0) is meant for
+    # 224/96 px crops: scale it down with the crop size for small crops.
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
 
 
 @dataclass
@@ -166,6 +168,8 @@ class TrainConfig:
                            ("data.local_crops_scale", self.data.local_crops_scale)]:
             if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
                 raise ConfigError(f"{key} must be (lo, hi) with 0 < lo <= hi <= 1, got {scale!r}")
+        if len(self.data.blur_sigma) != 2 or not 0 < self.data.blur_sigma[0] <= self.data.blur_sigma[1]:
+            raise ConfigError(f"data.blur_sigma must be (lo, hi) with 0 < lo <= hi, got {self.data.blur_sigma!r}")
         for key, size in [("data.global_crops_size", self.data.global_crops_size),
                           ("data.local_crops_size", self.data.local_crops_size)]:
             if size % self.model.patch_size:

@@ -205,7 +205,9 @@ class Trainer:
                 f"the training set at {root} gives 0 batches of {cfg.data.batch_size_per_gpu} per rank "
                 f"over {self.dist.world_size} rank(s): it needs at least batch_size_per_gpu x world_size images"
             )
-        self.augment = MultiCropAugment(local_crops_number=cfg.data.local_crops_number).to(self.device)
+        self.augment = MultiCropAugment(
+            local_crops_number=cfg.data.local_crops_number, blur_sigma=tuple(cfg.data.blur_sigma),
+        ).to(self.device)
 
         # models
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
