@@ -138,7 +138,7 @@ def section_step(doc: dict[str, Any], png_dir: str, plots: set[str]) -> str:
     rows = []
     for r in doc.get("rows", []):
         for side in ("reference", "ours"):
-            d = {"setup": r["setup"] if side == "reference" else "", "side": side}
+            d = {"setup": r["setup"] if side == "reference" else "", "side": "dino-fast" if side == "ours" else side}
             d.update({p: r[side][p] * 1e3 for p in PHASES + ("total",)})
             d["img_s"] = r[f"images_per_s_{side}"]
             rows.append(d)
@@ -154,7 +154,8 @@ def section_step(doc: dict[str, Any], png_dir: str, plots: set[str]) -> str:
                        for k, v in r.get("optimizer_variants_s", {}).items())
         notes.append(f"- {r['setup']}: attention {r['reference_attention']} vs {r['ours_attention']}; "
                      f"{r['reference_optimizer']} vs {r['ours_optimizer']}; AdamW step alone: {ov}; "
-                     f"first-step loss {fmt(r['first_loss_reference'])} vs {fmt(r['first_loss_ours'])}; "
+                     f"first-step loss {r['first_loss_reference']:.6f} vs {r['first_loss_ours']:.6f}"
+                     f" (relative difference {r.get('loss_rel_diff_first_step', float('nan')):.1e}); "
                      f"ceiling with forward+backward unchanged "
                      f"{fmt(r['speedup_ceiling_if_forward_backward_unchanged'])}x; "
                      f"{r['rounds']} interleaved rounds, per-round speed-up "
