@@ -50,6 +50,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"bench {name} failed: {type(e).__name__}: {e}")
             failed.append(name)
         print(f"--- {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    if a.which == "all":
+        # plots and the README performance section, from whatever the suites just wrote
+        from bench import report
+
+        print("\n=== report ===", flush=True)
+        report.run(quick=a.quick)
     if failed:
         print(f"\nfailed: {', '.join(failed)}")
         return 1

@@ -48,7 +48,7 @@ from dino_fast.train import checkpoint as ckpt_mod
 from dino_fast.train.config import ConfigError, TrainConfig, load_config
 from dino_fast.train.checkpoint import fault_point
 from dino_fast.train.distributed import DistInfo, barrier, cleanup, init_distributed, is_dist
-from dino_fast.train.optim import cancel_gradients_last_layer, clip_gradients, param_groups
+from dino_fast.train.optim import build_adamw, cancel_gradients_last_layer, clip_gradients
 
 log = logging.getLogger("dino_fast.train")
 
@@ -236,7 +236,7 @@ class Trainer:
         # optimisation
         self.global_batch = cfg.data.batch_size_per_gpu * self.dist.world_size
         self.base_lr = cfg.optim.lr * self.global_batch / 256.0
-        self.optimizer = torch.optim.AdamW(param_groups(self.student))
+        self.optimizer = build_adamw(self.student)
         n = self.niter_per_epoch
         e = cfg.train.epochs
         self.lr_schedule = cosine_scheduler(self.base_lr, cfg.optim.min_lr, e, n, warmup_epochs=cfg.optim.warmup_epochs)

@@ -30,6 +30,17 @@ def param_groups(model: nn.Module) -> list[dict]:
             {"params": not_regularized, "weight_decay": 0.0, "name": "not_regularized"}]
 
 
+def build_adamw(model: nn.Module) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`, fused where this torch supports it (CPU and CUDA since
+    2.4; measured 2.7-7x faster than the default per-tensor loop on CPU, bench/step.py), else
+    the default implementation. Same update rule either way."""
+    groups = param_groups(model)
+    try:
+        return torch.optim.AdamW(groups, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(param_groups(model))
+
+
 @torch.no_grad()
 def clip_gradients(params: Iterable[torch.Tensor], clip: float, mode: str = "per_param") -> torch.Tensor:
     """Clip gradients in place and return the gradient norms before clipping.
@@ -50,8 +61,13 @@ def clip_gradients(params: Iterable[torch.Tensor], clip: float, mode: str = "per
     norms = torch.stack(torch._foreach_norm(grads, 2.0)).float()
     if mode == "per_param":
         if clip > 0:
-            coef = (clip / (norms + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, coef.tolist())
+            coef = clip / (norms + 1e-6)
+            # scale only the tensors over the limit (the official rule: clip_coef < 1); a foreach
+            # multiply over every gradient costs more than the norms on CPU
+            over = (coef < 1).nonzero().flatten().tolist()
+            if over:
+                factors = coef[over].tolist()
+                torch._foreach_mul_([grads[i] for i in over], factors)
         return norms
     if mode == "global":
         total = norms.norm(2)
