@@ -17,7 +17,7 @@ Rank independence: the photometric augmentation draws each sample's parameters f
 counter-based hash of (seed, epoch, global sample index, crop), so W ranks at batch b augment
 exactly as one process at batch W*b (drop path still draws from the per-rank stream).
 
-Reliability (docs/reliability.md): every iteration all-reduces one small tensor holding the loss,
+Reliability (README, "what survives what"): every iteration all-reduces one small tensor holding the loss,
 a non-finite flag and a stop flag, so every rank stops at the same iteration on a NaN/inf
 (with ``train.check_finite`` the student and teacher outputs are checked, and the rank that holds
 the bad value names its crop and row) and on SIGTERM/SIGINT (a checkpoint, then exit 0).
