@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dino_fast._backend import check_backend, resolve_backend
+from dino_fast.train.schedules import teacher_temp_schedule
 
 __all__ = ["DINOLoss", "dino_loss", "dino_loss_with_colsum", "update_center", "NonFiniteError", "Workspace",
            "all_finite"]
@@ -663,10 +664,7 @@ class DINOLoss(nn.Module):
         self.async_center = bool(async_center)
         self.check_finite = bool(check_finite)
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp, teacher_temp, warm),
-            np.ones(nepochs - warm) * teacher_temp,
-        ))
+        self.teacher_temp_schedule = teacher_temp_schedule(warmup_teacher_temp, teacher_temp, warm, nepochs)
         self._temps = [float(t) for t in self.teacher_temp_schedule]
         self._pending: Optional[tuple[object, Tensor, int]] = None
         self._workspace = Workspace()
