@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import gc
 import socket
 import time
 from datetime import timedelta
@@ -504,52 +505,64 @@ def test_shared_memory_rejected() -> None:
 
 def _ddp_worker(rank: int, world_size: int, port: int, wrap: str) -> None:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             timeout=timedelta(seconds=60))
     try:
-        torch.manual_seed(1234)  # identical initial weights on every rank
-        teacher, student = make_pair()
-        if wrap == "ema_first":  # pack first, wrap in DDP afterwards
-            ema = TeacherEMA(teacher, student)
-            ddp = DDP(student)
-        else:
-            ddp = DDP(student)
-            ema = TeacherEMA(teacher, ddp if wrap == "wrapper" else ddp.module)
-        assert ema.student is student
-        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, foreach=True)
-        gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
-        for step in range(3):
-            x = torch.randn(4, 3, 8, 8, generator=gen)
-            opt.zero_grad()
-            ddp(x).logsumexp(-1).mean().backward()
-            # gradients were all-reduced through DDP's hooks on the packed parameters
-            g = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
-            gs = [torch.empty_like(g) for _ in range(world_size)]
-            dist.all_gather(gs, g)
-            assert all(torch.equal(gs[0], gi) for gi in gs), "gradients differ across ranks"
-            opt.step()
-            ref = expected64(teacher, student, 0.996)
-            ema.update(0.996)
-            assert_matches(teacher, ref)
-            if step == 1:  # checkpoint round trip mid-run on both modules
-                sd_t = {k: v.clone() for k, v in teacher.state_dict().items()}
-                sd_s = {k: v.clone() for k, v in ddp.module.state_dict().items()}
-                perturb_(teacher)
-                teacher.load_state_dict(sd_t)
-                ddp.module.load_state_dict(sd_s)
-        assert ema.rebind_count == 0
-        # every rank holds the same student and the same teacher
-        for flat in (ema.student_buffer, ema.teacher_buffer):
-            fs = [torch.empty_like(flat) for _ in range(world_size)]
-            dist.all_gather(fs, flat)
-            assert all(torch.equal(fs[0], f) for f in fs), "ranks diverged"
-        assert all(p.untyped_storage().data_ptr() == ema.student_buffer.untyped_storage().data_ptr()
-                   for p in ddp.module.parameters())
+        _ddp_checks(rank, world_size, wrap)
+        # every rank has finished its last collective before any rank tears the group down
+        dist.barrier()
     finally:
+        # DDP's reducer holds the process group: it must be gone (with the module, optimizer and
+        # EMA, all locals of _ddp_checks) before the group is destroyed, or gloo's threads are
+        # torn down at interpreter exit and abort the process ("terminate called ...").
+        gc.collect()
         dist.destroy_process_group()
+
+
+def _ddp_checks(rank: int, world_size: int, wrap: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.manual_seed(1234)  # identical initial weights on every rank
+    teacher, student = make_pair()
+    if wrap == "ema_first":  # pack first, wrap in DDP afterwards
+        ema = TeacherEMA(teacher, student)
+        ddp = DDP(student)
+    else:
+        ddp = DDP(student)
+        ema = TeacherEMA(teacher, ddp if wrap == "wrapper" else ddp.module)
+    assert ema.student is student
+    opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2, foreach=True)
+    gen = torch.Generator().manual_seed(100 + rank)  # different data per rank
+    for step in range(3):
+        x = torch.randn(4, 3, 8, 8, generator=gen)
+        opt.zero_grad()
+        ddp(x).logsumexp(-1).mean().backward()
+        # gradients were all-reduced through DDP's hooks on the packed parameters
+        g = torch.cat([p.grad.flatten() for p in student.parameters() if p.grad is not None])
+        gs = [torch.empty_like(g) for _ in range(world_size)]
+        dist.all_gather(gs, g)
+        assert all(torch.equal(gs[0], gi) for gi in gs), "gradients differ across ranks"
+        opt.step()
+        ref = expected64(teacher, student, 0.996)
+        ema.update(0.996)
+        assert_matches(teacher, ref)
+        if step == 1:  # checkpoint round trip mid-run on both modules
+            sd_t = {k: v.clone() for k, v in teacher.state_dict().items()}
+            sd_s = {k: v.clone() for k, v in ddp.module.state_dict().items()}
+            perturb_(teacher)
+            teacher.load_state_dict(sd_t)
+            ddp.module.load_state_dict(sd_s)
+    assert ema.rebind_count == 0
+    # every rank holds the same student and the same teacher
+    for flat in (ema.student_buffer, ema.teacher_buffer):
+        fs = [torch.empty_like(flat) for _ in range(world_size)]
+        dist.all_gather(fs, flat)
+        assert all(torch.equal(fs[0], f) for f in fs), "ranks diverged"
+    assert all(p.untyped_storage().data_ptr() == ema.student_buffer.untyped_storage().data_ptr()
+               for p in ddp.module.parameters())
 
 
 def _free_port() -> int:
