@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -624,6 +625,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     dist_info = init_distributed(cfg.train.dist_backend)
     _setup_logging(dist_info.is_main)
     t0 = time.perf_counter()
+    trainer: Optional[Trainer] = None
     try:
         trainer = Trainer(cfg, dist_info)
         summary = trainer.fit()
@@ -648,6 +650,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.error("%s", e)
         return 2
     finally:
+        # DDP's reducer holds the process group: release it before the group is destroyed, or
+        # gloo's threads are torn down at interpreter exit and can abort the process
+        trainer = None
+        gc.collect()
         cleanup()
 
 
