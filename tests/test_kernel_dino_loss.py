@@ -14,31 +14,8 @@ from dino_fast.kernels.dino_loss import (
     dino_loss_backward_triton, dino_loss_forward_triton, launch_config,
 )
 from dino_fast.loss import dino_loss
-from dino_fast.reference.loss import dino_loss_reference
+from tests._loss_utils import make_inputs, reference64, rel
 
-
-def make_inputs(B: int, K: int, ncrops: int, n_teacher: int = 2, dtype: torch.dtype = torch.float32):
-    """Fresh logits in the range a DINO head produces (N(0, 1)-ish), rounded to ``dtype``."""
-    S = torch.randn(ncrops * B, K).to(dtype)
-    T = (torch.randn(n_teacher * B, K) + 0.3 * torch.randn(1, K)).to(dtype)
-    c = 0.1 * torch.randn(1, K)
-    return S, T, c
-
-
-def reference64(S, T, c, ncrops, n_teacher, tau_s, tau_t):
-    """float64 reference loss and gradient for the inputs as given (after their rounding)."""
-    S64 = S.detach().double().requires_grad_()
-    loss = dino_loss_reference(S64, T.double(), c.double(), ncrops=ncrops, student_temp=tau_s,
-                               teacher_temp=tau_t, n_teacher=n_teacher)
-    (g,) = torch.autograd.grad(loss, S64)
-    return loss.detach(), g
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Norm-wise relative error of a against b (absolute when b is 0)."""
-    a, b = a.double(), b.double()
-    den = b.norm().item()
-    return (a - b).norm().item() / (den if den > 0 else 1.0)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 
