@@ -84,3 +84,23 @@ def test_cli_bad_key_and_missing_data(tmp_path, capsys):
     assert "unknown config key 'optim.lrr'" in capsys.readouterr().err
     code = main([f"data.root={tmp_path / 'nope'}", f"train.output_dir={tmp_path / 'o'}", "train.progress=false"])
     assert code == 2
+
+
+def test_knn_report_after_training_on_a_custom_folder(data_root, tmp_path):
+    from dino_fast.train.loop import run_knn_report
+
+    tr = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=1", f"data.val_root={data_root}",
+                             "eval.knn_k=[1]", "eval.image_size=32", "eval.resize_size=32"))
+    tr.fit()
+    report = run_knn_report(tr)
+    assert set(report) == {"teacher", "random_init"}
+    for res in report.values():
+        # val == train here: the nearest neighbour of every image is itself
+        assert res["1"]["top1"] == 100.0
+
+
+def test_knn_report_skipped_without_val_root(data_root, tmp_path):
+    from dino_fast.train.loop import run_knn_report
+
+    tr = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=1"))
+    assert run_knn_report(tr) == {}

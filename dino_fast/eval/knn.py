@@ -131,6 +131,21 @@ def knn_eval_backbone(
                                  num_classes=num_classes) for k in ks}
 
 
+def run_eval_roots(cfg: Any) -> Optional[tuple[Path, Path]]:
+    """The (train, val) image folders for the k-NN of a run described by ``cfg`` (a TrainConfig).
+
+    ``data.root`` empty: the built-in dataset's splits (generated if missing), or ``data.val_root``
+    for val when it is set; ``data.root`` set: ``(data.root, data.val_root)``, or None when there
+    is no ``data.val_root`` to evaluate on.
+    """
+    if cfg.data.root:
+        return (Path(cfg.data.root), Path(cfg.data.val_root)) if cfg.data.val_root else None
+    from dino_fast.data.builtin import ensure_builtin_dataset
+
+    base = Path(ensure_builtin_dataset(cfg.data.builtin_dir))
+    return base / "train", Path(cfg.data.val_root) if cfg.data.val_root else base / "val"
+
+
 def load_backbone_from_checkpoint(path: str | Path, which: str = "teacher") -> tuple[nn.Module, Any]:
     """Rebuild the backbone of a training checkpoint (``which`` = teacher or student) and return
     (backbone, TrainConfig). Also accepts an exported ``teacher_backbone.pth`` when a
@@ -175,15 +190,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         backbone, cfg = load_backbone_from_checkpoint(a.checkpoint, a.which)
         if a.train is None or a.val is None:
-            if cfg.data.root and not cfg.data.val_root:
-                raise ValueError("this run trained on a custom data.root: pass --train and --val")
-            if cfg.data.val_root:
-                train_root, val_root = Path(a.train or cfg.data.root), Path(a.val or cfg.data.val_root)
-            else:
-                from dino_fast.data.builtin import ensure_builtin_dataset
-
-                base = Path(ensure_builtin_dataset(cfg.data.builtin_dir))
-                train_root, val_root = Path(a.train or base / "train"), Path(a.val or base / "val")
+            roots = run_eval_roots(cfg)
+            if roots is None:
+                raise ValueError("this run trained on a custom data.root without data.val_root: pass --train and --val")
+            train_root, val_root = Path(a.train or roots[0]), Path(a.val or roots[1])
         else:
             train_root, val_root = Path(a.train), Path(a.val)
         size = a.image_size or cfg.eval.image_size

@@ -278,7 +278,6 @@ class Trainer:
     # ---------------------------------------------------------------- checkpoints
     def state(self, next_epoch: int, next_batch: int) -> dict[str, Any]:
         """Everything needed for an exact resume at (next_epoch, next_batch)."""
-        self.dino_loss.flush_center() if hasattr(self.dino_loss, "flush_center") else None
         return {
             "format_version": ckpt_mod.FORMAT_VERSION,
             "student": self.student.state_dict(),
@@ -580,17 +579,14 @@ def _setup_logging(is_main: bool) -> None:
 
 def run_knn_report(trainer: Trainer) -> dict[str, Any]:
     """k-NN top-1/top-5 of the trained teacher and of a random-init twin on the val split."""
-    from dino_fast.eval.knn import knn_eval_backbone
+    from dino_fast.eval.knn import knn_eval_backbone, run_eval_roots
 
     cfg = trainer.cfg
-    if cfg.data.val_root:
-        train_root, val_root = Path(cfg.data.root or trainer.train_root()), Path(cfg.data.val_root)
-    elif not cfg.data.root:
-        base = trainer.builtin_root()
-        train_root, val_root = base / "train", base / "val"
-    else:
+    roots = run_eval_roots(cfg)  # no barrier here: only rank 0 evaluates
+    if roots is None:
         log.info("no data.val_root given: skipping the k-NN evaluation")
         return {}
+    train_root, val_root = roots
     if train_root.suffix == ".beton":
         log.info("k-NN evaluation needs an image folder, data.root is a .beton: skipping")
         return {}
