@@ -42,13 +42,14 @@ def test_layout_and_determinism(tmp_path: Path) -> None:
     assert da[f"train/{names[0]}/0000.jpg"] != da[f"val/{names[0]}/0000.jpg"]
 
 
-def test_first_ten_classes_have_ten_shapes_and_varied_textures() -> None:
+def test_first_ten_classes_differ_in_shape_and_texture() -> None:
     names = class_names(10)
     shapes = {n.split("-")[1] for n in names}
     textures = {n.split("-")[2] for n in names}
-    assert len(shapes) == 10 and len(textures) == 5
+    assert len(shapes) == 10 and len(textures) == 10
+    assert len(set(class_names(builtin.MAX_CLASSES))) == builtin.MAX_CLASSES == 100
     with pytest.raises(ValueError, match="n_classes"):
-        class_names(51)
+        class_names(101)
     with pytest.raises(ValueError, match="image_size"):
         make_dataset("unused", image_size=8)
 
@@ -78,6 +79,13 @@ def test_ensure_builtin_dataset_generates_reuses_and_recovers(tmp_path: Path, mo
     (partial / "train" / "junk" / "x.jpg").write_bytes(b"half")
     out = ensure_builtin_dataset(partial)
     assert _digest(out) == before and not (out / "train" / "junk").exists()
+
+    # a dataset written by an older generator (another format) is regenerated
+    meta = (out / "dataset.json").read_text().replace(f'"format": {builtin._FORMAT_VERSION}', '"format": 1')
+    (out / "dataset.json").write_text(meta)
+    (out / "train" / "stale.jpg").write_bytes(b"old")
+    assert ensure_builtin_dataset(partial) == out and _digest(out) == before and len(calls) == 3
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".other")] == []
 
     # a failure while generating leaves nothing behind
     def boom(out, **kw):
@@ -127,4 +135,4 @@ def test_cli_main(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     rc = builtin.main([str(tmp_path / "cli"), "--classes", "3", "--train-per-class", "2", "--val-per-class", "1", "--image-size", "40"])
     assert rc == 0 and "wrote 9 images" in capsys.readouterr().out
     assert len(list((tmp_path / "cli").rglob("*.jpg"))) == 9
-    assert builtin.main([str(tmp_path / "bad"), "--classes", "99"]) == 2
+    assert builtin.main([str(tmp_path / "bad"), "--classes", "101"]) == 2

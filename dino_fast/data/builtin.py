@@ -1,8 +1,9 @@
 """The built-in dataset: a small labelled image folder generated deterministically on demand.
 
 Each class is a (shape, texture) pair - ten shapes (disc, square, triangle, star, cross, ring,
-diamond, hexagon, crescent, arrow) times five textures (stripes, checker, dots, waves, speckle)
-- so classes differ in shape and in texture, never in colour. Every image draws the object's
+diamond, hexagon, crescent, arrow) times ten textures (stripes, checker, dots, waves, speckle,
+grid, rings, zigzag, bricks, solid); the first ten classes have ten shapes and ten textures - so
+classes differ in shape and in texture, never in colour. Every image draws the object's
 position, size, rotation and two colours, the texture's period and angle, a two-colour gradient
 background with noise, and clutter (small lines, blobs and boxes, some in front of the object),
 all from ``numpy.random.default_rng([seed, split, class, index])``. Colour and layout statistics
@@ -28,17 +29,17 @@ from PIL import Image, ImageDraw
 __all__ = ["SHAPES", "TEXTURES", "class_names", "render_image", "make_dataset", "ensure_builtin_dataset", "main"]
 
 SHAPES = ("disc", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon", "crescent", "arrow")
-TEXTURES = ("stripes", "checker", "dots", "waves", "speckle")
+TEXTURES = ("stripes", "checker", "dots", "waves", "speckle", "grid", "rings", "zigzag", "bricks", "solid")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
 _SPLITS = {"train": 0, "val": 1}
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 
 
 def class_names(n_classes: int) -> list[str]:
     """Names ``"NN-shape-texture"`` of the first ``n_classes`` classes (2..50).
 
-    Class k has shape ``k % 10`` and texture ``(k % 10 + k // 10) % 5``: the first ten classes
-    are ten different shapes, with textures cycling.
+    Class k has shape ``k % 10`` and texture ``(k % 10 + k // 10) % 10``: the first ten classes
+    have ten different shapes and ten different textures.
     """
     if not isinstance(n_classes, int) or not (2 <= n_classes <= MAX_CLASSES):
         raise ValueError(f"n_classes must be an int in [2, {MAX_CLASSES}], got {n_classes!r}")
@@ -106,6 +107,20 @@ def _texture(texture: str, size: int, rng: np.random.Generator) -> np.ndarray:
         return (pu * pu + pv * pv < 0.09).astype(np.float32)
     if texture == "waves":
         return (np.sin(2 * math.pi * (u + 0.25 * period * np.sin(2 * math.pi * v / (2.5 * period))) / period) > 0).astype(np.float32)
+    if texture == "grid":
+        return (((u / period) % 1.0 < 0.3) | ((v / period) % 1.0 < 0.3)).astype(np.float32)
+    if texture == "rings":
+        ox, oy = rng.uniform(0, size, size=2)
+        return (np.sin(2 * math.pi * np.hypot(xx - ox, yy - oy) / period) > 0).astype(np.float32)
+    if texture == "zigzag":
+        tri = np.abs((v / period) % 2.0 - 1.0)
+        return (np.sin(2 * math.pi * (u + 0.8 * period * tri) / period) > 0).astype(np.float32)
+    if texture == "bricks":
+        row = np.floor(v / period)
+        uu = (u / (2 * period) + 0.5 * (row % 2)) % 1.0
+        return (((v / period) % 1.0 < 0.2) | (uu < 0.1)).astype(np.float32)
+    if texture == "solid":
+        return np.zeros((size, size), dtype=np.float32)
     if texture == "speckle":
         cells = max(2, int(size / (0.35 * period)))
         small = rng.random((cells, cells)) > 0.5
@@ -218,31 +233,44 @@ def make_dataset(
     return out
 
 
+def _is_current(root: Path) -> bool:
+    """``root/dataset.json`` exists and was written by this version's generator."""
+    try:
+        meta = json.loads((root / "dataset.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == _FORMAT_VERSION
+
+
 def ensure_builtin_dataset(root: Optional[str | os.PathLike] = None) -> Path:
     """The default built-in dataset at ``root`` (default ``./data_cache/builtin``), generated if missing.
 
-    A complete dataset (``dataset.json`` present) is reused. Generation writes to a temporary
-    folder next to ``root`` and renames it into place, so an interrupted run leaves no partial
-    dataset behind; a leftover incomplete ``root`` is replaced. Returns the root
-    (train images under ``root/train``, validation under ``root/val``).
+    A complete dataset of the current format (``dataset.json`` present, its ``format`` this
+    version's) is reused. Generation writes to a temporary folder next to ``root`` and renames it
+    into place, so an interrupted run leaves no partial dataset behind; a leftover incomplete
+    ``root``, or one written by an older generator, is replaced. Returns the root (train images
+    under ``root/train``, validation under ``root/val``).
     """
     target = Path(root) if root is not None else Path.cwd() / "data_cache" / "builtin"
-    if (target / "dataset.json").is_file():
+    if _is_current(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = target.parent / f".{target.name}.tmp-{tag}"
+    old = target.parent / f".{target.name}.old-{tag}"
     try:
         make_dataset(tmp)
-        if target.exists() and not (target / "dataset.json").is_file():
-            shutil.rmtree(target)  # an incomplete dataset from an older, interrupted layout
+        if target.exists() and not _is_current(target):
+            os.rename(target, old)  # incomplete (interrupted) or an older format: set aside
         try:
             os.rename(tmp, target)
         except OSError:
-            if not (target / "dataset.json").is_file():  # not a concurrent winner: a real failure
+            if not _is_current(target):  # not a concurrent winner: a real failure
                 raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
     return target
 
 
