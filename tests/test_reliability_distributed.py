@@ -168,54 +168,76 @@ def test_counter_uniform_is_the_crop_hash():
     assert u.dtype == np.float32 and (u >= 0).all() and (u < 1).all()
 
 
+def _one_rank_fails_body(rank: int, data_root: str, out: str) -> dict:
+    """The two runs of :func:`_one_rank_fails_worker`; returns what this rank raised. The trainers
+    (and their DDP reducers, which hold the process group) are locals, gone when it returns."""
+    import signal as sig
+
+    from dino_fast.train.loop import NonFiniteLossError, TrainingInterrupted
+
+    res = {}
+    cfg = tiny_config(Path(data_root), Path(out), *COMMON, "train.max_iters=12")
+    tr = Trainer(cfg)
+    orig = tr.train_step
+
+    def step(g, l, epoch, it, sample_ids=None):
+        if rank == 1 and it == 2:
+            os.kill(os.getpid(), sig.SIGTERM)  # a real signal, to this rank only
+        return orig(g, l, epoch, it, sample_ids=sample_ids)
+
+    tr.train_step = step
+    try:
+        tr.fit()
+    except TrainingInterrupted as e:
+        res["stop"] = str(e)
+    tr2 = Trainer(tiny_config(Path(data_root), Path(out), *COMMON, "train.max_iters=12", "train.resume=auto"))
+    fwd = tr2.student.forward
+    calls = {"n": 0}
+
+    def poisoned(x):
+        y = fwd(x)
+        calls["n"] += 1
+        if rank == 1 and calls["n"] == 3:  # iteration 3 + 2 = 5 after resuming at 3
+            y = y.clone()
+            y[1 * 4 + 2, 0] = float("nan")  # crop 1, row 2
+        return y
+
+    tr2.student.forward = poisoned
+    try:
+        tr2.fit()
+    except NonFiniteLossError as e:
+        res["nan"] = str(e)
+    return res
+
+
 def _one_rank_fails_worker(rank: int, world: int, port: int, data_root: str, out: str, result_dir: str) -> None:
     """Rank ``rank`` of a 2-rank gloo run: SIGTERM reaches rank 1 only at iteration 2, then
     (after a resume) rank 1 alone sees a NaN at iteration 5. Writes what each rank raised."""
+    import gc
     import json
-    import signal as sig
+
+    import torch.distributed as dist
 
     from dino_fast.train.distributed import cleanup
-    from dino_fast.train.loop import NonFiniteLossError, TrainingInterrupted
 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    res = {}
+    res: dict = {}
+    ok = False
     try:
-        cfg = tiny_config(Path(data_root), Path(out), *COMMON, "train.max_iters=12")
-        tr = Trainer(cfg)
-        orig = tr.train_step
-
-        def step(g, l, epoch, it, sample_ids=None):
-            if rank == 1 and it == 2:
-                os.kill(os.getpid(), sig.SIGTERM)  # a real signal, to this rank only
-            return orig(g, l, epoch, it, sample_ids=sample_ids)
-
-        tr.train_step = step
-        try:
-            tr.fit()
-        except TrainingInterrupted as e:
-            res["stop"] = str(e)
-        tr2 = Trainer(tiny_config(Path(data_root), Path(out), *COMMON, "train.max_iters=12", "train.resume=auto"))
-        fwd = tr2.student.forward
-        calls = {"n": 0}
-
-        def poisoned(x):
-            y = fwd(x)
-            calls["n"] += 1
-            if rank == 1 and calls["n"] == 3:  # iteration 3 + 2 = 5 after resuming at 3
-                y = y.clone()
-                y[1 * 4 + 2, 0] = float("nan")  # crop 1, row 2
-            return y
-
-        tr2.student.forward = poisoned
-        try:
-            tr2.fit()
-        except NonFiniteLossError as e:
-            res["nan"] = str(e)
+        res = _one_rank_fails_body(rank, data_root, out)
+        ok = True
     finally:
-        cleanup()
         Path(result_dir, f"rank{rank}.json").write_text(json.dumps(res))
+        # Teardown order: every rank past its last collective, the trainers' DDP reducers (which
+        # hold the process group) collected, then the group destroyed. Destroying it while a
+        # reducer is alive left gloo threads to be torn down at exit, which aborted a rank
+        # ("terminate called without an active exception") in some runs.
+        if ok and dist.is_initialized():
+            dist.barrier()
+        gc.collect()
+        cleanup()
 
 
 @pytest.mark.slow
