@@ -53,6 +53,11 @@ def test_unknown_section(tmp_path):
     ("data.local_crops_scale=[0.5, 0.1]", "data.local_crops_scale must be (lo, hi)"),
     ("data.global_crops_scale=[0.5]", "expects 2 values"),
     ("optim.lr", "override must look like section.key=value"),
+    ("data.grayscale_p=1.5", "data.grayscale_p must be a probability in [0, 1]"),
+    ("data.jitter_p=-0.1", "data.jitter_p must be a probability in [0, 1]"),
+    ("data.color_jitter=[0.4, 0.4, 0.2, 0.7]", "hue <= 0.5"),
+    ("data.color_jitter=[0.4, -0.4, 0.2, 0.1]", "every value >= 0"),
+    ("data.color_jitter=[0.4, 0.4]", "expects 4 values"),
 ])
 def test_bad_values(override, fragment):
     with pytest.raises(ConfigError, match=None) as e:

@@ -99,6 +99,18 @@ def test_knn_report_after_training_on_a_custom_folder(data_root, tmp_path):
         assert res["1"]["top1"] == 100.0
 
 
+def test_colour_augmentation_comes_from_the_config(data_root, tmp_path):
+    """data.jitter_p / color_jitter / grayscale_p reach the trainer's augmentation; defaults are
+    the official ones."""
+    tr = Trainer(tiny_config(data_root, tmp_path / "a", "train.max_iters=1"))
+    assert tr.augment.jitter_p == 0.8 and tr.augment.grayscale_p == 0.2
+    assert tr.augment.jitter_ranges == ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+    tr = Trainer(tiny_config(data_root, tmp_path / "b", "train.max_iters=1", "data.jitter_p=1.0",
+                             "data.color_jitter=[0.2, 0.3, 0.5, 0.5]", "data.grayscale_p=0.6"))
+    assert tr.augment.jitter_p == 1.0 and tr.augment.grayscale_p == 0.6
+    assert tr.augment.jitter_ranges == ((0.8, 1.2), (0.7, 1.3), (0.5, 1.5), (-0.5, 0.5))
+
+
 def test_knn_report_skipped_without_val_root(data_root, tmp_path):
     from dino_fast.train.loop import run_knn_report
 

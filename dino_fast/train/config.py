@@ -57,6 +57,11 @@ class DataConfig:
     # Gaussian-blur sigma range in pixels of the output crop; the official (0.1, 2.0) is meant for
     # 224/96 px crops: scale it down with the crop size for small crops.
     blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # colour augmentation (official defaults): jitter probability, jitter strengths (brightness,
+    # contrast, saturation, hue) and grayscale probability
+    jitter_p: float = 0.8
+    color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    grayscale_p: float = 0.2
 
 
 @dataclass
@@ -170,6 +175,15 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be (lo, hi) with 0 < lo <= hi <= 1, got {scale!r}")
         if len(self.data.blur_sigma) != 2 or not 0 < self.data.blur_sigma[0] <= self.data.blur_sigma[1]:
             raise ConfigError(f"data.blur_sigma must be (lo, hi) with 0 < lo <= hi, got {self.data.blur_sigma!r}")
+        for key, p in [("data.jitter_p", self.data.jitter_p), ("data.grayscale_p", self.data.grayscale_p)]:
+            if not 0 <= p <= 1:
+                raise ConfigError(f"{key} must be a probability in [0, 1], got {p!r}")
+        cj = self.data.color_jitter
+        if len(cj) != 4 or min(cj) < 0 or cj[3] > 0.5:
+            raise ConfigError(
+                f"data.color_jitter must be (brightness, contrast, saturation, hue) with every value >= 0 "
+                f"and hue <= 0.5, got {cj!r}"
+            )
         for key, size in [("data.global_crops_size", self.data.global_crops_size),
                           ("data.local_crops_size", self.data.local_crops_size)]:
             if size % self.model.patch_size:

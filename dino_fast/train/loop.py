@@ -208,6 +208,8 @@ class Trainer:
             )
         self.augment = MultiCropAugment(
             local_crops_number=cfg.data.local_crops_number, blur_sigma=tuple(cfg.data.blur_sigma),
+            jitter_p=cfg.data.jitter_p, brightness=cfg.data.color_jitter[0], contrast=cfg.data.color_jitter[1],
+            saturation=cfg.data.color_jitter[2], hue=cfg.data.color_jitter[3], grayscale_p=cfg.data.grayscale_p,
         ).to(self.device)
 
         # models
