@@ -35,7 +35,6 @@ for both sides. Bar: ViT-S/16, 2 x 224 + 8 x 96 crops, CPU: dino-fast >= 1.5x th
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import math
@@ -43,14 +42,15 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from bench import common
+from bench.report import PHASES, step_phase_rows
+from dino_fast.reference.optim import clip_gradients_reference
 
-PHASES = ("forward", "loss", "backward", "clip", "optimizer", "ema")
 BAR_SPEEDUP = 1.5
 EPOCH = 1  # past the official one-epoch freeze of the last layer: every parameter is trained
 MOMENTUM = 0.996
@@ -118,24 +118,6 @@ class StepSetup:
 # --------------------------------------------------------------------------------------------
 # the two sides
 # --------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def official_clip_gradients(model: nn.Module, clip: float) -> list[float]:
-    """The official DINO ``utils.clip_gradients``: per parameter, ``norm = ||grad||_2`` (read to
-    the host with ``.item()``), and ``grad *= clip / (norm + 1e-6)`` when that factor is < 1.
-
-    Returns the norms before clipping (Python floats, one per parameter with a gradient).
-    """
-    norms = []
-    for _, p in model.named_parameters():
-        if p.grad is not None:
-            param_norm = p.grad.data.norm(2)
-            norms.append(param_norm.item())
-            clip_coef = clip / (param_norm + 1e-6)
-            if clip_coef < 1:
-                p.grad.data.mul_(clip_coef)
-    return norms
-
 
 def build_models(setup: StepSetup, attn_backend: str) -> tuple[nn.Module, nn.Module]:
     """Student (drop path ``setup.drop_path``) and teacher (none) ``MultiCropWrapper`` s with DINO
@@ -209,7 +191,7 @@ class StepSide:
 
                 reference_ema_update_(t_params, s_params, m)
 
-            self.clip: Callable[[], Any] = lambda: official_clip_gradients(self.student, setup.clip)
+            self.clip: Callable[[], Any] = lambda: clip_gradients_reference(self.student.parameters(), setup.clip)
         else:
             from dino_fast.ema import TeacherEMA
             from dino_fast.loss import DINOLoss
@@ -428,17 +410,7 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
-    table = []
-    for r in rows:
-        for name in ("reference", "ours"):
-            d = {"setup": r["setup"] if name == "reference" else "", "side": name}
-            d.update({p: r[name][p] * 1e3 for p in PHASES + ("total",)})
-            d["img/s"] = r[f"images_per_s_{name}"]
-            table.append(d)
-        d = {"setup": "", "side": "ref/ours"}
-        d.update({p: r["phase_speedup"][p] for p in PHASES})
-        d["total"] = r["speedup"]
-        table.append(d)
+    table = step_phase_rows(rows, ours="ours", ratio="ref/ours", img_key="img/s")
     print("Time per step by phase, ms (medians over interleaved rounds); ref/ours rows are ratios "
           "(total: median of per-round ratios)")
     print(common.fmt_table(table, ["setup", "side", *PHASES, "total", "img/s"]))
@@ -506,12 +478,8 @@ def run(quick: bool = False, threads: Optional[int] = None) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m bench.step [--quick] [--threads N]``."""
-    p = argparse.ArgumentParser(prog="python -m bench.step", description="End-to-end DINO step benchmark")
-    p.add_argument("--quick", action="store_true", help="batch 2, 3 rounds")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's setting)")
-    a = p.parse_args(list(argv) if argv is not None else None)
-    run(quick=a.quick, threads=a.threads)
-    return 0
+    return common.suite_main(argv, name="step", description="End-to-end DINO step benchmark", run=run,
+                             quick_help="batch 2, 3 rounds", threads=True)
 
 
 if __name__ == "__main__":
