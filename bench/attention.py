@@ -23,9 +23,8 @@ resolution) and ``xformers-packed`` (all crops of both resolutions in one call p
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -223,14 +222,10 @@ def run(quick: bool, threads: int | None = None) -> dict[str, Any]:
     return payload
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m bench.attention [--quick]``."""
-    p = argparse.ArgumentParser(prog="python -m bench.attention", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 blocks, 2 images, fewer repeats")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    a = p.parse_args(argv)
-    run(quick=a.quick, threads=a.threads)
-    return 0
+    return common.suite_main(argv, name="attention", description=__doc__.split("\n")[0], run=run,
+                             quick_help="2 blocks, 2 images, fewer repeats", threads=True)
 
 
 if __name__ == "__main__":

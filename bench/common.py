@@ -10,9 +10,11 @@
 - :func:`projected_seconds`: bytes / 3.0 TB/s, an H100's measured copy bandwidth. Always
   labelled *projected* where printed.
 - :func:`write_result`: bench/results/NAME.json with machine and version information.
+- :func:`suite_main`: the ``python -m bench.NAME [--quick] [--threads N]`` entry point of a suite.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as _dt
 import json
@@ -20,7 +22,7 @@ import os
 import platform
 import statistics
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -237,3 +239,34 @@ def fmt_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     for r in rows:
         out.append("  ".join(cell(r.get(c, "")).ljust(w) for c, w in zip(columns, widths)))
     return "\n".join(out)
+
+
+def suite_main(
+    argv: Optional[Sequence[str]],
+    *,
+    name: str,
+    description: str,
+    run: Callable[..., Any],
+    quick_help: str,
+    threads: bool = False,
+) -> int:
+    """Entry point of ``python -m bench.NAME``: parse ``[--quick]`` (and ``[--threads N]`` when
+    ``threads``), call ``run(quick=..., [threads=...])``, return 0.
+
+    Args:
+        argv: the arguments (``None``: ``sys.argv[1:]``).
+        name: the suite's module name (``loss``, ``ema``...), for the program name.
+        description, quick_help: help texts.
+        run: the suite's ``run`` function.
+        threads: whether the suite takes a ``threads`` argument.
+    """
+    p = argparse.ArgumentParser(prog=f"python -m bench.{name}", description=description)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    if threads:
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's setting)")
+    a = p.parse_args(list(argv) if argv is not None else None)
+    if threads:
+        run(quick=a.quick, threads=a.threads)
+    else:
+        run(quick=a.quick)
+    return 0

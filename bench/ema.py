@@ -20,7 +20,6 @@ Reports, per model:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -264,12 +263,8 @@ def run(quick: bool = False, threads: Optional[int] = None) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m bench.ema [--quick]``."""
-    p = argparse.ArgumentParser(prog="python -m bench.ema", description="Teacher EMA benchmark")
-    p.add_argument("--quick", action="store_true", help="fewer repeats")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's setting)")
-    a = p.parse_args(list(argv) if argv is not None else None)
-    run(quick=a.quick, threads=a.threads)
-    return 0
+    return common.suite_main(argv, name="ema", description="Teacher EMA benchmark", run=run,
+                             quick_help="fewer repeats", threads=True)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ The bar: ``ffcv+aug`` >= 3x ``reference`` images/s.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import fmt_table, time_cpu, write_result
+from bench.common import fmt_table, suite_main, time_cpu, write_result
 from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_loader, ffcv_available
 from dino_fast.data.builtin import render_image
 from dino_fast.data.folder import available_cores, load_rgb, scan_image_folder
@@ -223,13 +222,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     return payload
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m bench.loader [--quick]``."""
-    p = argparse.ArgumentParser(prog="python -m bench.loader", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="64 images, one timed epoch")
-    args = p.parse_args(list(argv))
-    run(quick=args.quick)
-    return 0
+    return suite_main(argv, name="loader", description=__doc__.split("\n")[0], run=run,
+                             quick_help="64 images, one timed epoch")
 
 
 if __name__ == "__main__":

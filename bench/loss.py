@@ -22,7 +22,6 @@ Reports:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -286,11 +285,8 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m bench.loss [--quick]``: prints the tables, writes bench/results/loss.json."""
-    p = argparse.ArgumentParser(prog="python -m bench.loss", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
-    a = p.parse_args(list(argv) if argv is not None else None)
-    run(quick=a.quick)
-    return 0
+    return common.suite_main(argv, name="loss", description=__doc__.split("\n")[0], run=run,
+                             quick_help="fewer shapes and repeats")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ student's flat parameter buffer (before the teacher EMA). Reported:
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -163,11 +162,8 @@ def run(quick: bool) -> dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m bench.reliability [--quick]``; returns 0."""
-    p = argparse.ArgumentParser(prog="python -m bench.reliability", description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smaller CPU shapes, fewer repeats")
-    a = p.parse_args(list(argv) if argv is not None else None)
-    run(a.quick)
-    return 0
+    return common.suite_main(argv, name="reliability", description=__doc__.split("\n")[0], run=run,
+                             quick_help="smaller CPU shapes, fewer repeats")
 
 
 if __name__ == "__main__":

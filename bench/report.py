@@ -133,19 +133,28 @@ def _bars(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def section_step(doc: dict[str, Any], png_dir: str, plots: set[str]) -> str:
-    """Markdown for bench/results/step.json."""
-    rows = []
-    for r in doc.get("rows", []):
+def step_phase_rows(step_rows: list[dict[str, Any]], *, ours: str = "dino-fast", ratio: str = "speed-up",
+                    img_key: str = "img_s") -> list[dict[str, Any]]:
+    """Table rows of the step benchmark: per setup, the reference and dino-fast times by phase in
+    ms (plus total and images/s under ``img_key``), then a ``ratio`` row of reference/dino-fast
+    per phase (total: the median of per-round ratios). ``step_rows``: ``step.json``'s ``rows``."""
+    table = []
+    for r in step_rows:
         for side in ("reference", "ours"):
-            d = {"setup": r["setup"] if side == "reference" else "", "side": "dino-fast" if side == "ours" else side}
+            d = {"setup": r["setup"] if side == "reference" else "", "side": ours if side == "ours" else side}
             d.update({p: r[side][p] * 1e3 for p in PHASES + ("total",)})
-            d["img_s"] = r[f"images_per_s_{side}"]
-            rows.append(d)
-        d = {"setup": "", "side": "speed-up"}
+            d[img_key] = r[f"images_per_s_{side}"]
+            table.append(d)
+        d = {"setup": "", "side": ratio}
         d.update({p: r["phase_speedup"][p] for p in PHASES})
         d["total"] = r["speedup"]
-        rows.append(d)
+        table.append(d)
+    return table
+
+
+def section_step(doc: dict[str, Any], png_dir: str, plots: set[str]) -> str:
+    """Markdown for bench/results/step.json."""
+    rows = step_phase_rows(doc.get("rows", []))
     cols = [("setup", "setup"), ("side", "side")] + [(p, f"{p} ms") for p in PHASES] + \
         [("total", "total ms"), ("img_s", "images/s")]
     notes = []
