@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 from PIL import Image, ImageDraw
 
 from dino_fast.train.config import TrainConfig, load_config
@@ -39,6 +40,12 @@ def tiny_config(data_root: Path, out_dir: Path, *extra: str) -> TrainConfig:
         "train.log_every=1", "train.progress=false", "train.saveckp_freq=0", "eval.knn_after_training=false",
         *extra,
     ])
+
+
+def write_config(cfg: TrainConfig, path: Path) -> Path:
+    """The config as a YAML file for ``--config`` (a subprocess cannot take a TrainConfig)."""
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
 
 
 def read_losses(out_dir: Path) -> dict[int, float]:

@@ -19,5 +19,13 @@ def _fresh_seed() -> None:
     torch.seed()
 
 
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """A small labelled image folder, one per test module (tests/_train_utils.make_image_folder)."""
+    from tests._train_utils import make_image_folder
+
+    return make_image_folder(tmp_path_factory.mktemp("imgs"))
+
+
 def pytest_report_header(config):  # noqa: D103
     return f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"

@@ -27,7 +27,7 @@ from dino_fast.data.augment import MultiCropAugment, counter_uniform
 from dino_fast.data.crops import _key, uniform01
 from dino_fast.train import checkpoint as ck
 from dino_fast.train.loop import Trainer
-from tests._train_utils import make_image_folder, read_losses, tiny_config
+from tests._train_utils import read_losses, tiny_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 ITERS = 20
@@ -58,11 +58,6 @@ def run(cmd: list[str], timeout: float = 240.0) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("imgs"))
-
-
-@pytest.fixture(scope="module")
 def single(data_root, tmp_path_factory):
     """One process at batch 8: losses of the 20 iterations and the final center."""
     out = tmp_path_factory.mktemp("single")
@@ -84,8 +79,7 @@ def assert_losses_match(single_losses: dict, got: dict, n: int) -> None:
 def test_two_ranks_match_one_process_and_resume_from_rank0_checkpoint(data_root, single, tmp_path):
     single_losses, single_ckpt = single
     out = tmp_path / "ddp"
-    cfg = tmp_path / "ddp.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(data_root, out, *COMMON, "data.batch_size_per_gpu=4").to_dict()))
+    cfg = write_config(tiny_config(data_root, out, *COMMON, "data.batch_size_per_gpu=4"), tmp_path / "ddp.yaml")
     launch = ["--standalone", "--nproc_per_node", "2"]
     # first half, then a fresh torchrun that resumes every rank from rank 0's checkpoint
     first = run(torchrun(launch, cfg, "train.max_iters=10"))
@@ -110,8 +104,7 @@ def test_two_ranks_match_one_process_and_resume_from_rank0_checkpoint(data_root,
 def test_two_nodes_on_localhost(data_root, single, tmp_path):
     single_losses, _ = single
     out = tmp_path / "nodes"
-    cfg = tmp_path / "nodes.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_config(data_root, out, *COMMON, "data.batch_size_per_gpu=4").to_dict()))
+    cfg = write_config(tiny_config(data_root, out, *COMMON, "data.batch_size_per_gpu=4"), tmp_path / "nodes.yaml")
     port = free_port()
     procs = []
     for node in (0, 1):

@@ -15,25 +15,18 @@ import os
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from dino_fast.data import MultiCropConfig, build_multicrop_loader
 from dino_fast.ema import NonFiniteEMAError, TeacherEMA
 from dino_fast.train import checkpoint as ck
 from dino_fast.train.loop import NonFiniteLossError, Trainer, main
-from tests._train_utils import make_image_folder, read_losses, tiny_config
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("imgs"))
+from tests._train_utils import make_image_folder, read_losses, tiny_config, write_config
 
 
 def cli_args(data_root, out, *extra: str) -> list[str]:
     """``main`` arguments for the tiny config (written next to ``out`` as YAML) plus overrides."""
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(tiny_config(data_root, out, "train.threads=1").to_dict()))
+    path = write_config(tiny_config(data_root, out, "train.threads=1"), out.parent / f"{out.name}.yaml")
     return ["--config", str(path), *extra]
 
 

@@ -19,21 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from dino_fast.train import checkpoint as ck
 from dino_fast.train.loop import main
-from tests._train_utils import make_image_folder, read_losses, tiny_config
+from tests._train_utils import read_losses, tiny_config, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 # 24 images, batch 4: 6 iterations per epoch; checkpoints after iterations 2, 5, 8, 11
 RUN = ("train.max_iters=12", "train.checkpoint_every_iters=3", "train.threads=1")
-
-
-def write_config(cfg, path: Path) -> Path:
-    """The config as a YAML file for ``--config`` (a subprocess cannot take a TrainConfig)."""
-    path.write_text(yaml.safe_dump(cfg.to_dict()))
-    return path
 
 
 def run_cli(config: Path, *overrides: str, env_extra: dict | None = None, timeout: float = 120.0):
@@ -42,11 +35,6 @@ def run_cli(config: Path, *overrides: str, env_extra: dict | None = None, timeou
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "dino_fast", "train", "--config", str(config), *overrides],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("imgs"))
 
 
 @pytest.fixture(scope="module")

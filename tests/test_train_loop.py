@@ -6,12 +6,7 @@ import torch
 
 from dino_fast.train import checkpoint as ck
 from dino_fast.train.loop import NonFiniteLossError, Trainer, main
-from tests._train_utils import make_image_folder, read_losses, tiny_config
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return make_image_folder(tmp_path_factory.mktemp("imgs"))
+from tests._train_utils import read_losses, tiny_config
 
 
 def _weights(path):
