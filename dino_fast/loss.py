@@ -388,10 +388,16 @@ def _triton_backward(grad: Tensor, S: Tensor, T: Tensor, c: Tensor, lse: Tensor,
 @torch.library.custom_op("dino_fast::dino_loss_fwd", mutates_args=())
 def _dino_loss_fwd_op(student: Tensor, teacher: Tensor, center: Tensor, ncrops: int, n_teacher: int,
                       student_temp: float, teacher_temp: float, impl: str
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Fused forward: (loss, colsum (K,), lse (ncrops*B,), teacher max, teacher sum-exp, G)."""
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fused forward: (loss, colsum (K,), lse (ncrops*B,), teacher max, teacher sum-exp, G, center
+    used). The Triton backward recomputes from the center, so the op returns its own copy (K,)
+    fp32 for the backward to save (empty for the torch path, whose G is the gradient already):
+    saving the ``center`` input instead lets AOTAutograd's partitioner re-derive the copy from
+    the module's center buffer in the backward, after the in-place center update of the same
+    graph has changed it (a wrong gradient under torch.compile, tests/test_loss.py)."""
     out = _impl_forward(impl, student, teacher, center, ncrops, n_teacher, student_temp, teacher_temp)
-    return tuple(t if t is not student else t.clone() for t in out)  # type: ignore[return-value]
+    c_used = center.clone() if impl == "triton" else center.new_empty((0,))
+    return tuple(t if t is not student else t.clone() for t in out) + (c_used,)  # type: ignore[return-value]
 
 
 @_dino_loss_fwd_op.register_fake
@@ -402,8 +408,9 @@ def _(student, teacher, center, ncrops, n_teacher, student_temp, teacher_temp, i
     rows_t = teacher.shape[0] if impl == "triton" else 0
     G = (new((0,)) if impl == "triton"
          else torch.empty_like(student, memory_format=torch.contiguous_format))
+    c_used = center.new_empty((K,) if impl == "triton" else (0,))
     return (new((), dtype=dt), new((K,), dtype=dt), new((rows_s,), dtype=dt), new((rows_t,), dtype=dt),
-            new((rows_t,), dtype=dt), G)
+            new((rows_t,), dtype=dt), G, c_used)
 
 
 @torch.library.custom_op("dino_fast::dino_loss_bwd", mutates_args=())
@@ -423,13 +430,13 @@ def _(grad, student, teacher, center, lse, tmax, tsum, G, ncrops, n_teacher, stu
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    student, teacher, center, ncrops, n_teacher, tau_s, tau_t, impl = inputs
-    _, _, lse, tmax, tsum, G = output
-    ctx.save_for_backward(student, teacher, center, lse, tmax, tsum, G)
+    student, teacher, _, ncrops, n_teacher, tau_s, tau_t, impl = inputs
+    _, _, lse, tmax, tsum, G, c_used = output
+    ctx.save_for_backward(student, teacher, c_used, lse, tmax, tsum, G)
     ctx.args = (ncrops, n_teacher, tau_s, tau_t, impl)
 
 
-def _backward(ctx, g_loss, g_colsum, g_lse, g_tmax, g_tsum, g_G):
+def _backward(ctx, g_loss, g_colsum, g_lse, g_tmax, g_tsum, g_G, g_c):
     student, teacher, center, lse, tmax, tsum, G = ctx.saved_tensors
     dS = None
     if ctx.needs_input_grad[0]:

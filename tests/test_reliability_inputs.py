@@ -257,6 +257,7 @@ def test_gradient_overflow_under_the_grad_scaler_skips_the_step(data_root, tmp_p
         assert torch.isfinite(s1).all()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast in the trainer needs CUDA (resolve_precision "
                     "refuses fp16 on CPU); the CPU test above covers the GradScaler skip logic")
 def test_fp16_on_cuda_runs_with_a_grad_scaler(data_root, tmp_path):
