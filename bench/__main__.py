@@ -1,7 +1,8 @@
-"""``dino-fast bench [loss|ema|attention|loader|step|reliability|all] [--quick]`` (also ``python -m bench``).
+"""``dino-fast bench [loss|ema|attention|loader|step|reliability|all|gpu] [--quick]`` (also ``python -m bench``).
 
 Runs the benchmark scripts of bench/, each of which prints its table and writes
-bench/results/NAME.json.
+bench/results/NAME.json. ``all`` runs the six suites (any machine); ``gpu`` the CUDA rows of every
+suite in one run (CUDA only, bench/gpu.py).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ SUITES = ("loss", "ema", "attention", "loader", "step", "reliability")
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the named benchmark(s); returns 0 when all ran, 1 when one failed."""
     p = argparse.ArgumentParser(prog="dino-fast bench", description=__doc__.split("\n")[0])
-    p.add_argument("which", nargs="?", default="all", choices=SUITES + ("all",))
+    p.add_argument("which", nargs="?", default="all", choices=SUITES + ("all", "gpu"))
     p.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
     a = p.parse_args(list(argv) if argv is not None else None)
     # Triton kernels are benchmarked for bytes under the interpreter when there is no GPU.

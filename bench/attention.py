@@ -164,7 +164,7 @@ def _cuda_rows(depth: int, batch: int) -> list[dict[str, Any]]:  # pragma: no co
 
     work = _workload(depth, batch, "cuda")
     backends = ["math", "sdpa"]
-    ok, reason = xformers_status()
+    ok, reason = xformers_status("cuda")
     if ok:
         backends += ["xformers", "xformers-packed"]
     else:

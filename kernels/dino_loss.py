@@ -122,16 +122,18 @@ def _dino_bwd_kernel(
         tzinv = tl.load(TZINV + trow, mask=tvalid, other=0.0)
         x = tl.where(mask2, (t - c[None, :]) * inv_tau_t, float("-inf"))
         q = tl.exp(x - tm[:, None]) * tzinv[:, None]                      # (NT_P2, BLOCK_K)
-        # teacher crops: Q_v = sum of the other teachers' q, summed exactly (no "all - q_v")
+        # teacher crops: Q_v = sum of the other teachers' q, summed exactly (no "all - q_v").
+        # |Q_v| as NTEACH * 1.0 (not NTEACH.to(...)): the JIT passes an int argument equal to 1
+        # as a Python constant, which has no .to (n_teacher=1 failed to compile on a GPU)
         for v in range(0, NTEACH):
             qv = tl.sum(tl.where(ti[:, None] != v, q, 0.0), axis=0)
             _grad_row(S, G, LSE, v * B + b, cols, cmask, stride_s, stride_g, qv,
-                      (NTEACH - 1).to(tl.float32), inv_tau_s, g)
+                      NTEACH * 1.0 - 1.0, inv_tau_s, g)
         # other crops: Q_v = sum of all teachers' q, the same for every such crop
         qall = tl.sum(q, axis=0)
         for v in range(NTEACH, NCROPS):
             _grad_row(S, G, LSE, v * B + b, cols, cmask, stride_s, stride_g, qall,
-                      NTEACH.to(tl.float32), inv_tau_s, g)
+                      NTEACH * 1.0, inv_tau_s, g)
 
 
 @triton.jit

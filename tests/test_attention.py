@@ -13,7 +13,7 @@ from dino_fast.models.vit import drop_path_packed
 from dino_fast.reference.attention import attention_reference, block_diagonal_attention_reference
 
 HAS_CUDA = torch.cuda.is_available()
-XF_OK, XF_REASON = xformers_status()
+XF_OK, XF_REASON = xformers_status("cuda" if torch.cuda.is_available() else None)
 needs_xformers = pytest.mark.skipif(
     not (HAS_CUDA and XF_OK),
     reason="xformers attention runs on CUDA only (xformers has no CPU operators): "
@@ -108,7 +108,7 @@ def test_drop_path_packed_drops_whole_sequences() -> None:
 
 # ------------------------------------------------------------------------- dispatch
 def _fake_xformers(monkeypatch: pytest.MonkeyPatch, ok: bool, reason: str = "") -> None:
-    monkeypatch.setattr(attn_mod, "xformers_status", lambda: (ok, reason))
+    monkeypatch.setattr(attn_mod, "xformers_status", lambda device=None: (ok, reason))
 
 
 def test_auto_picks_sdpa_on_cpu_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -129,7 +129,7 @@ def test_auto_picks_xformers_on_cuda_when_installed(monkeypatch: pytest.MonkeyPa
     _fake_xformers(monkeypatch, True)
     with caplog.at_level(logging.INFO, logger="dino_fast.models.attention"):
         assert resolve_attn_backend("auto", torch.device("cuda")) == "xformers"
-    assert "xformers is installed and the tensors are on CUDA" in caplog.text
+    assert "the tensors are on CUDA and its operators run there" in caplog.text
     assert resolve_attn_backend("auto", "cpu") == "sdpa"
 
 
@@ -139,6 +139,53 @@ def test_auto_picks_sdpa_on_cuda_without_xformers(monkeypatch: pytest.MonkeyPatc
     with caplog.at_level(logging.INFO, logger="dino_fast.models.attention"):
         assert resolve_attn_backend("auto", "cuda") == "sdpa"
     assert "xformers is not installed" in caplog.text
+
+
+class _BrokenXops:
+    """An xformers.ops whose binary was built for another torch: imports, but no operator runs."""
+
+    @staticmethod
+    def memory_efficient_attention(q, k, v):
+        raise NotImplementedError(
+            "No operator found for `memory_efficient_attention_forward` with inputs:\n"
+            "     query       : shape=(1, 8, 1, 64) (torch.float16)\n"
+            "`fa2F@2.5.7-pt` is not supported because:\n    xFormers wasn't build with CUDA support\n"
+            "`cutlassF-pt` is not supported because:\n    xFormers wasn't build with CUDA support\n")
+
+
+class _GoodXops:
+    calls: list = []
+
+    @staticmethod
+    def memory_efficient_attention(q, k, v):
+        _GoodXops.calls.append(q.dtype)
+        return q
+
+
+def test_probe_reports_an_xformers_without_operators() -> None:
+    """Seen on an H200 with xformers 0.0.35 (built for torch 2.10) beside torch 2.11: import
+    worked, every call raised; 'auto' must then pick sdpa and say why, not crash mid-forward."""
+    reason = attn_mod._probe_attention(_BrokenXops, torch.device("cpu"), [torch.float32, torch.float16], "GPU-X")
+    assert reason.startswith("xformers is installed but its attention does not run on GPU-X for float32 inputs "
+                             "(NotImplementedError: No operator found for `memory_efficient_attention_forward`")
+    assert reason.count("xFormers wasn't build with CUDA support") == 1 and "query" not in reason
+    assert "python -m xformers.info" in reason
+    _GoodXops.calls.clear()
+    assert attn_mod._probe_attention(_GoodXops, torch.device("cpu"), [torch.float32, torch.bfloat16], "GPU-X") == ""
+    assert _GoodXops.calls == [torch.float32, torch.bfloat16]
+
+
+def test_cuda_status_uses_the_cached_probe(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(attn_mod, "_xformers_import", lambda: (_BrokenXops, ""))
+    monkeypatch.setattr(attn_mod, "_CUDA_PROBES", {0: "xformers is installed but its attention does not run"})
+    assert attn_mod.xformers_status() == (True, "")  # import only
+    assert attn_mod.xformers_status("cuda:0") == (False, "xformers is installed but its attention does not run")
+    with caplog.at_level(logging.INFO, logger="dino_fast.models.attention"):
+        assert resolve_attn_backend("auto", "cuda:0") == "sdpa"
+    assert "does not run" in caplog.text
+    with pytest.raises(ValueError, match="attn_backend='xformers' was requested but xformers is installed but its "
+                                         "attention does not run"):
+        resolve_attn_backend("xformers", "cuda:0")
 
 
 def test_explicit_backends_pass_through() -> None:

@@ -12,7 +12,6 @@ under ``TRITON_INTERPRET=1`` on CPU tensors in tests/test_kernel_*.py.
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest

@@ -587,3 +587,30 @@ def test_ddp_gloo(world_size: int, wrap: str) -> None:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+
+
+def test_update_walks_the_modules_only_after_a_registration(monkeypatch):
+    """The per-update check is an address check of the bound tensors; the modules are walked again
+    only after some module registered or replaced a parameter (or buffer, or submodule)."""
+    import dino_fast.ema as ema_mod
+
+    student = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    teacher = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
+    ema = TeacherEMA(teacher, student, backend="torch")
+    walks = []
+    real = ema_mod._tensors
+    monkeypatch.setattr(ema_mod, "_tensors", lambda *a: walks.append(1) or real(*a))
+    for _ in range(3):
+        ema.update(0.9)
+    assert walks == [] and ema.rebind_count == 0
+    with torch.no_grad():  # .data replaced: same objects, new storage -> caught by the address check
+        student[1].bias.data = student[1].bias.data.clone() + 1.0
+    ema.update(0.0)
+    assert walks == [] and ema.rebind_count == 1
+    assert torch.equal(teacher[1].bias, student[1].bias)
+    student[0].weight = nn.Parameter(student[0].weight.detach() * 2)  # a new Parameter object
+    ema.update(0.0)
+    assert len(walks) == 2 and ema.rebind_count == 2
+    assert torch.equal(teacher[0].weight, student[0].weight)
+    ema.update(0.5)  # walked once, then back to address checks
+    assert len(walks) == 2

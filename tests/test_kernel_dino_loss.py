@@ -160,19 +160,31 @@ for dt in ("fp32", "bf16"):
             out.append(dict(kernel=r.name, dtype=dt, arch=arch, block_k=bk, num_warps=r.num_warps,
                             registers=r.registers, stack=r.stack, local=r.local,
                             spill_stores=r.spill_stores, spill_loads=r.spill_loads, spills=r.spills))
+# the JIT passes an int argument equal to 1 as a constant (no .to, no tensor methods): compile with
+# every int argument so specialised (B = K = 1, one teacher crop, unit strides, one tile / group)
+for fn, sig in ((_dino_fwd_kernel, sig_f), (_dino_bwd_kernel, sig_b)):
+    sig1 = {k: ("constexpr" if v == "i32" else v) for k, v in sig.items()}
+    const = {k: 1 for k, v in sig.items() if v == "i32"}
+    const.update(BLOCK_K=128, NT_P2=1)
+    r = compile_for(fn, sig1, const, arch=90, num_warps=4)
+    out.append(dict(kernel=r.name + "[ints=1]", dtype=dt, arch=90, block_k=128, num_warps=r.num_warps,
+                    registers=r.registers, stack=r.stack, local=r.local, spill_stores=r.spill_stores,
+                    spill_loads=r.spill_loads, spills=r.spills))
 print(json.dumps(out))
 """
 
 
 def test_kernels_compile_for_sm80_sm90_without_spills():
-    """Compile both kernels at the launcher's sizes for B=64, K=65536 (a subprocess: compilation
-    needs the real JIT, not the interpreter this test session runs under)."""
+    """Compile both kernels at the launcher's sizes for B=64, K=65536, and with every int argument
+    specialised to the constant 1 as the JIT does for such values (n_teacher=1 once failed to
+    compile on a GPU while passing under the interpreter). A subprocess: compilation needs the
+    real JIT, not the interpreter this test session runs under."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 8
+    assert len(results) == 10
     for r in results:
         print(r)  # registers and spills, reported with -s
         assert not r["spills"], r

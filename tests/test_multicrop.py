@@ -8,7 +8,7 @@ from torch import nn
 from dino_fast.models import DINOHead, MultiCropWrapper, group_by_resolution, vit_tiny, xformers_status
 
 HAS_CUDA = torch.cuda.is_available()
-XF_OK, XF_REASON = xformers_status()
+XF_OK, XF_REASON = xformers_status("cuda" if torch.cuda.is_available() else None)
 needs_xformers = pytest.mark.skipif(
     not (HAS_CUDA and XF_OK),
     reason="the fused BlockDiagonalMask path runs on CUDA with xformers only: "

@@ -9,7 +9,8 @@ Backends (all compute ``softmax(q k^T * scale) v`` per head, the official DINO a
   kernels on CUDA, a fused flash kernel on CPU); the CPU default.
 - ``"math"``: the official explicit softmax; the only backend that returns the attention
   weights (``get_last_selfattention``, attention maps).
-- ``"auto"``: ``xformers`` when it is installed and the tensors are on CUDA, ``sdpa`` otherwise;
+- ``"auto"``: ``xformers`` when it is installed, the tensors are on CUDA and its operators run
+  there (a binary built for another torch imports but has none: probed once per device), ``sdpa`` otherwise;
   the first resolution per device type logs through :mod:`logging` which backend and why.
 
 An explicit request that cannot be honoured (``"xformers"`` on CPU tensors, or without xformers
@@ -64,10 +65,57 @@ def _xformers_import() -> tuple[Any, str]:
     return xops, ""
 
 
-def xformers_status() -> tuple[bool, str]:
-    """Whether ``xformers.ops`` can be imported, and if not, why (``(True, "")`` when it can)."""
+# CUDA device index -> "" when xformers' attention ran there for every dtype, else why not
+_CUDA_PROBES: dict[int, str] = {}
+
+
+def _probe_attention(xops: Any, device: torch.device, dtypes: Sequence[torch.dtype], device_name: str) -> str:
+    """Call ``xops.memory_efficient_attention`` once per dtype on ``device``; return "" when every
+    call ran, else the reason (the exception's first line and its distinct "not supported" lines)."""
+    for dt in dtypes:
+        q = torch.zeros(1, 8, 1, 64, device=device, dtype=dt)
+        try:
+            xops.memory_efficient_attention(q, q, q)
+        except Exception as exc:
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            skip = ("query", "key", "value", "attn_bias", "p ", "p:", "`")
+            detail = "; ".join(dict.fromkeys(ln for ln in lines[1:] if not ln.startswith(skip)))
+            return (f"xformers is installed but its attention does not run on {device_name} for "
+                    f"{str(dt).replace('torch.', '')} inputs ({type(exc).__name__}: {lines[0] if lines else ''}"
+                    f"{' ' + detail[:300] if detail else ''}); `python -m xformers.info` lists the operators it "
+                    "was built with")
+    return ""
+
+
+def _xformers_cuda_probe(xops: Any, index: int) -> str:
+    """:func:`_probe_attention` on CUDA device ``index`` in fp32, fp16 and bf16 (where supported).
+    An xformers binary built for another torch / CUDA imports fine but has no operators ("No
+    operator found for memory_efficient_attention..."): only a call tells."""
+    dev = torch.device("cuda", index)
+    dtypes = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_bf16_supported() else [])
+    return _probe_attention(xops, dev, dtypes, torch.cuda.get_device_name(dev))
+
+
+def xformers_status(device: torch.device | str | None = None) -> tuple[bool, str]:
+    """Whether xformers' attention is usable, and if not, why (``(True, "")`` when it is).
+
+    Without ``device`` (or for a non-CUDA device): whether ``xformers.ops`` imports. For a CUDA
+    device: also whether its operators run there, checked once per device by a tiny call in fp32,
+    fp16 and bf16 (cached; under ``torch.compile`` tracing the cached answer is used).
+    """
     xops, reason = _xformers_import()
-    return xops is not None, reason
+    if xops is None:
+        return False, reason
+    if device is None or torch.device(device).type != "cuda":
+        return True, ""
+    d = torch.device(device)
+    index = d.index if d.index is not None else torch.cuda.current_device()
+    if index not in _CUDA_PROBES:
+        if torch.compiler.is_compiling():
+            return True, ""
+        _CUDA_PROBES[index] = _xformers_cuda_probe(xops, index)
+    reason = _CUDA_PROBES[index]
+    return reason == "", reason
 
 
 def resolve_attn_backend(requested: str, device: torch.device | str, *, log_state: dict | None = None) -> str:
@@ -90,9 +138,9 @@ def resolve_attn_backend(requested: str, device: torch.device | str, *, log_stat
     requested = check_attn_backend(requested)
     device = torch.device(device)
     if requested == "auto":
-        ok, reason = xformers_status()
+        ok, reason = xformers_status(device)
         if ok and device.type == "cuda":
-            choice, why = "xformers", "xformers is installed and the tensors are on CUDA"
+            choice, why = "xformers", "xformers is installed, the tensors are on CUDA and its operators run there"
         elif device.type != "cuda":
             choice, why = "sdpa", f"the tensors are on {device.type}, and xformers has CUDA operators only"
         else:
@@ -103,7 +151,7 @@ def resolve_attn_backend(requested: str, device: torch.device | str, *, log_stat
                 log_state[device.type] = choice
         return choice
     if requested == "xformers":
-        ok, reason = xformers_status()
+        ok, reason = xformers_status(device)
         if not ok:
             raise ValueError(f"attn_backend='xformers' was requested but {reason}; use 'sdpa' or 'auto'")
         if device.type != "cuda":
