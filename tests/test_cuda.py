@@ -76,8 +76,9 @@ def test_loss_kernels_on_gpu_match_float64(B, K, ncrops, n_teacher, dtype):
                                   n_teacher=n_teacher, student_temp=tau_s, teacher_temp=tau_t, out=out)
     assert g is out and g.dtype == dtype
     assert torch.isfinite(g).all(), "gradient has unwritten (NaN-poisoned) elements"
-    if K == 1:
-        assert abs(loss.item()) < 1e-6 and g.float().abs().max().item() < 1e-6
+    if K == 1:  # one column: p = q = 1, the gradient is zero up to the GPU's exp rounding
+        scale = upstream / (tau_s * B * (n_teacher * ncrops - n_teacher))
+        assert abs(loss.item()) < 1e-6 and g.float().abs().max().item() < 1e-5 * scale
     else:
         assert rel(loss, ref_loss) < TOL[dtype], (loss.item(), ref_loss.item())
         assert rel(g, upstream * ref_g) < TOL[dtype]

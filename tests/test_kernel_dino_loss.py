@@ -142,10 +142,10 @@ import json, warnings
 warnings.filterwarnings("ignore")
 from dino_fast.kernels.compile_check import compile_for
 from dino_fast.kernels.dino_loss import _dino_fwd_kernel, _dino_bwd_kernel, launch_config
-cfg = launch_config(64, 65536, 2)
 ints = ["B", "K", "NCROPS", "NTEACH", "stride_s", "stride_t"]
 out = []
 for dt in ("fp32", "bf16"):
+    cfg = launch_config(64, 65536, 2, 4 if dt == "fp32" else 2)
     fwd = {n: "*fp32" for n in ["SMAX", "SSUM", "TMAX", "TSUM", "DOT", "COLSUM"]}
     sig_f = {"S": f"*{dt}", "T": f"*{dt}", "C": "*fp32", **fwd, **{n: "i32" for n in ints},
              "n_tiles": "i32", "imgs_per_group": "i32", "inv_tau_s": "fp32", "inv_tau_t": "fp32",
@@ -189,5 +189,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
         print(r)  # registers and spills, reported with -s
         assert not r["spills"], r
         assert r["registers"] > 0
-    cfg = launch_config(64, 65536, 2)
-    assert cfg.fwd_tiles * cfg.fwd_block_k >= 65536 and cfg.n_groups == 8
+    for el in (4, 2):
+        cfg = launch_config(64, 65536, 2, el)
+        assert cfg.fwd_tiles * cfg.fwd_block_k >= 65536 and cfg.bwd_tiles * cfg.bwd_block_k >= 65536
+        assert cfg.fwd_block_k * el == 4096 and cfg.n_groups == 32
