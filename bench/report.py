@@ -36,7 +36,7 @@ def load_results(results_dir: Path = RESULTS_DIR) -> dict[str, dict[str, Any]]:
     Raises ``ValueError`` naming the file when one is not valid JSON or not a JSON object.
     """
     out: dict[str, dict[str, Any]] = {}
-    for name in SUITES:
+    for name in SUITES + ("gpu",):
         path = Path(results_dir) / f"{name}.json"
         if not path.exists():
             continue
@@ -257,6 +257,48 @@ def section_loader(doc: dict[str, Any], png_dir: str, plots: set[str]) -> str:
     ])
 
 
+def section_gpu(doc: dict[str, Any], png_dir: str, plots: set[str]) -> str:
+    """bench/gpu.py: the CUDA rows of every suite, measured on one GPU in one run."""
+    del png_dir, plots
+    m = doc.get("machine", {})
+    copy = doc.get("copy") or {}
+    parts = [f"### GPU ({m.get('gpu', '?')}, torch {m.get('torch', '?')}, triton {m.get('triton', '?')}; "
+             f"`python -m bench.gpu`, {doc.get('timestamp', '?')})", "",
+             "Timed on the GPU with `triton.testing.do_bench` (median ms, host overhead included) and, for the "
+             "loss and the EMA, the GPU time alone (the kernels' summed durations from `torch.profiler`). TF32 off. "
+             f"Roofline: a device-to-device `copy_` moves {fmt(copy.get('GBps'))} GB/s (read + write); "
+             "*floor* = the bytes a kernel must move at that rate.", ""]
+    if doc.get("loss"):
+        parts += ["DINO loss, forward + backward, K = 65536:", "", _table(doc["loss"], [
+            ("B", "B"), ("crops", "crops"), ("dtype", "dtype"), ("ref_ms", "reference ms"),
+            ("triton_ms", "dino-fast ms"), ("speedup", "speed-up"), ("ref_device_ms", "reference GPU ms"),
+            ("triton_device_ms", "dino-fast GPU ms"), ("floor_ms_at_copy_bw", "floor ms"),
+            ("triton_device_x_floor", "dino-fast GPU / floor")]), ""]
+    if doc.get("ema"):
+        parts += ["Teacher EMA update (momentum 0.996):", "", _table(doc["ema"], [
+            ("model", "model"), ("params", "parameters"), ("tensors", "tensors"), ("reference_ms", "official loop ms"),
+            ("foreach_lerp_ms", "torch foreach lerp ms"), ("ours_triton_ms", "dino-fast ms"),
+            ("speedup_vs_reference", "vs official"), ("floor_ms_at_copy_bw", "floor ms (12 B/param)"),
+            ("ours_x_floor_time", "dino-fast / floor")]), ""]
+    if doc.get("attention"):
+        parts += ["Attention, 12 blocks of ViT-S/16 over a multi-crop batch, forward + backward:", "", _table(
+            doc["attention"], [("backend", "backend"), ("median_s", "s"), ("time_vs_math", "time vs math"),
+                               ("peak_MiB", "peak MiB"), ("peak_vs_math", "peak vs math"),
+                               ("grad_rel_diff_vs_math", "grad rel. diff")]), ""]
+    if doc.get("augment"):
+        parts += ["`MultiCropAugment` on the GPU (uint8 crops in, normalised float out):", "", _table(
+            doc["augment"], [("batch", "batch"), ("crops", "crops"), ("ms_per_batch", "ms per batch"),
+                             ("images_per_s", "images/s"), ("us_per_image", "us per image")]), ""]
+    if doc.get("step"):
+        parts += ["End-to-end DINO step, bf16 autocast on both sides (ms per phase, medians of interleaved rounds):",
+                  "", _table(step_phase_rows(doc["step"], ours="dino-fast", ratio="speed-up", img_key="img_s"),
+                             [("setup", "setup"), ("side", "side"), *[(p, p) for p in PHASES], ("total", "total"),
+                              ("img_s", "img/s")]), ""]
+    if doc.get("errors"):
+        parts += [f"Parts that failed: {doc['errors']}", ""]
+    return "\n".join(parts).rstrip()
+
+
 SECTIONS = {"step": section_step, "loss": section_loss, "ema": section_ema, "attention": section_attention,
             "loader": section_loader}
 
@@ -283,6 +325,10 @@ def render_markdown(results: dict[str, dict[str, Any]], png_dir: str = "bench/re
             parts += [SECTIONS[name](results[name], png_dir, plots), ""]
         else:
             parts += [f"### {name}: not run (`python -m bench.{name}` writes bench/results/{name}.json)", ""]
+    if "gpu" in results:
+        parts += [section_gpu(results["gpu"], png_dir, plots), ""]
+    else:
+        parts += ["### GPU: not run (`python -m bench.gpu` on a CUDA machine writes bench/results/gpu.json)", ""]
     return "\n".join(parts).rstrip() + "\n"
 
 
