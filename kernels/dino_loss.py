@@ -25,9 +25,10 @@ Bytes (per call, E = element size of S and T): forward reads S and T once (plus 
 image group, and writes the per-group column sums of T: G*K*4 each, G = ceil(B / 2));
 backward reads S and T once and writes dS once. Total about (2*|S| + 2*|T| + |dS|) against the
 floor |S| + |T| + |dS|: 34 against 22 units of B*K*E at 2+10 crops, 1.55x. Counted under the
-interpreter (bench/loss.py, B=64, K=65536, 2+10): 1.554x the floor in fp32, 1.57x in bf16.
+interpreter (bench/loss.py, B=64, K=65536, 2+10): 1.60x the floor in fp32 (1.554x with the
+earlier 8-image groups, whose fewer center reads and column-sum partials cost GPU time instead).
 Any design that needs the full-row logsumexp before it can write dS, and cannot hold a row's
-crops on chip, reads S twice: 1.55x is within 1% of that two-read bound.
+crops on chip, reads S twice: 1.55x is that two-read bound.
 No (rows, K) temporary is created besides the gradient.
 
 Tiles (:func:`launch_config`): forward BLOCK_K = 4 KB of a row (1024 fp32 / 2048 bf16 columns),
