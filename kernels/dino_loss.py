@@ -49,7 +49,7 @@ import triton.language as tl
 
 __all__ = [
     "LaunchConfig", "launch_config", "dino_loss_forward_triton", "dino_loss_backward_triton",
-    "_dino_fwd_kernel", "_dino_bwd_kernel",
+    "_dino_fwd_kernel", "_dino_bwd_kernel", "_dino_combine_kernel",
 ]
 
 _SUPPORTED = (torch.float32, torch.bfloat16, torch.float16)
@@ -148,6 +148,46 @@ def _grad_row(S, G, LSE, srow, cols, cmask, stride_s, stride_g, qv, nq, inv_tau_
     tl.store(G + srow.to(tl.int64) * stride_g + cols, dsv.to(G.dtype.element_ty), mask=cmask)
 
 
+@triton.jit
+def _dino_combine_kernel(
+    SMAX, SSUM, TMAX, TSUM, DOT, LSE, TMOUT, TZOUT, LOSS_PART,
+    B, NCROPS, NTEACH, n_tiles, inv_terms,
+    N_P2: tl.constexpr, NT_P2: tl.constexpr,
+):
+    """One program per image b: the forward's per-tile partials -> lse per student row, max and
+    sum-exp per teacher row, and image b's share of the loss (an online softmax across tiles)."""
+    b = tl.program_id(0)
+    t = tl.arange(0, N_P2)
+    tmask = t < n_tiles
+    ti = tl.arange(0, NT_P2)
+    tvalid = ti < NTEACH
+    m2 = tvalid[:, None] & tmask[None, :]
+    trow = ti * B + b                                                       # (NT_P2,)
+    tmx = tl.load(TMAX + trow[:, None] * n_tiles + t[None, :], mask=m2, other=float("-inf"))
+    tsm = tl.load(TSUM + trow[:, None] * n_tiles + t[None, :], mask=m2, other=0.0)
+    TM = tl.max(tmx, axis=1)
+    TM = tl.where(tvalid, TM, 0.0)
+    w = tl.where(m2, tl.exp(tmx - TM[:, None]), 0.0)                        # (NT_P2, N_P2)
+    TZ = tl.sum(tsm * w, axis=1)
+    tl.store(TMOUT + trow, TM, mask=tvalid)
+    tl.store(TZOUT + trow, TZ, mask=tvalid)
+    w = w / tl.where(tvalid, TZ, 1.0)[:, None]
+    acc = (b * 0).to(tl.float32)
+    for v in range(0, NCROPS):
+        srow = v * B + b
+        sm = tl.load(SMAX + srow * n_tiles + t, mask=tmask, other=float("-inf"))
+        ss = tl.load(SSUM + srow * n_tiles + t, mask=tmask, other=0.0)
+        SM = tl.max(sm, axis=0)
+        lse = SM + tl.log(tl.sum(tl.where(tmask, ss * tl.exp(sm - SM), 0.0), axis=0))
+        tl.store(LSE + srow, lse)
+        d = tl.load(DOT + (srow * NTEACH + ti)[:, None] * n_tiles + t[None, :], mask=m2, other=0.0)
+        qdot = tl.sum(d * w, axis=1)                                        # (NT_P2,)
+        pair = tvalid & (ti != v)
+        nq = tl.sum(pair.to(tl.float32), axis=0)
+        acc += nq * lse - tl.sum(tl.where(pair, qdot, 0.0), axis=0)
+    tl.store(LOSS_PART + b, acc * inv_terms)
+
+
 @dataclass(frozen=True)
 class LaunchConfig:
     """Tile sizes and grids the launchers use for given (B, K, n_teacher).
@@ -230,8 +270,6 @@ def dino_loss_forward_triton(
     sum-exp of (T - c)/tau_t per teacher row (n_teacher*B,) x 2, column sum of T (K,).
     """
     B, K = _check(S, T, c, ncrops, n_teacher, student_temp, teacher_temp)
-    from dino_fast.loss import _combine_partials
-
     cfg = launch_config(B, K, n_teacher, S.element_size())
     f32 = dict(dtype=torch.float32, device=S.device)
     n = cfg.fwd_tiles
@@ -247,10 +285,16 @@ def dino_loss_forward_triton(
         1.0 / student_temp, 1.0 / teacher_temp,
         BLOCK_K=cfg.fwd_block_k, NT_P2=cfg.nt_p2, num_warps=cfg.num_warps,
     )
-    loss, lse, TM, TZ = _combine_partials(
-        smax.view(ncrops, B, n), ssum.view(ncrops, B, n), tmax.view(n_teacher, B, n),
-        tsum.view(n_teacher, B, n), dots.view(ncrops, B, n_teacher, n), n_teacher,
+    lse = torch.empty((ncrops * B,), **f32)
+    TM = torch.empty((n_teacher * B,), **f32)
+    TZ = torch.empty((n_teacher * B,), **f32)
+    part = torch.empty((B,), **f32)
+    n_terms = n_teacher * ncrops - n_teacher
+    _dino_combine_kernel[(B,)](
+        smax, ssum, tmax, tsum, dots, lse, TM, TZ, part, B, ncrops, n_teacher, n,
+        1.0 / (B * n_terms), N_P2=triton.next_power_of_2(n), NT_P2=cfg.nt_p2, num_warps=4,
     )
+    loss = part.sum()
     colsum = colsum_part[0] if cfg.n_groups == 1 else colsum_part.sum(0)
     return loss, lse, TM, TZ, colsum
 

@@ -160,12 +160,23 @@ for dt in ("fp32", "bf16"):
             out.append(dict(kernel=r.name, dtype=dt, arch=arch, block_k=bk, num_warps=r.num_warps,
                             registers=r.registers, stack=r.stack, local=r.local,
                             spill_stores=r.spill_stores, spill_loads=r.spill_loads, spills=r.spills))
+from dino_fast.kernels.dino_loss import _dino_combine_kernel
+sig_c = {n: "*fp32" for n in ["SMAX", "SSUM", "TMAX", "TSUM", "DOT", "LSE", "TMOUT", "TZOUT", "LOSS_PART"]}
+sig_c.update({"B": "i32", "NCROPS": "i32", "NTEACH": "i32", "n_tiles": "i32", "inv_terms": "fp32",
+              "N_P2": "constexpr", "NT_P2": "constexpr"})
+for arch in (80, 90):
+    r = compile_for(_dino_combine_kernel, sig_c, {"N_P2": 256, "NT_P2": 2}, arch=arch, num_warps=4)
+    out.append(dict(kernel=r.name, dtype="fp32", arch=arch, block_k=256, num_warps=r.num_warps,
+                    registers=r.registers, stack=r.stack, local=r.local, spill_stores=r.spill_stores,
+                    spill_loads=r.spill_loads, spills=r.spills))
 # the JIT passes an int argument equal to 1 as a constant (no .to, no tensor methods): compile with
 # every int argument so specialised (B = K = 1, one teacher crop, unit strides, one tile / group)
-for fn, sig in ((_dino_fwd_kernel, sig_f), (_dino_bwd_kernel, sig_b)):
+for fn, sig, extra in ((_dino_fwd_kernel, sig_f, dict(BLOCK_K=128, NT_P2=1)),
+                       (_dino_bwd_kernel, sig_b, dict(BLOCK_K=128, NT_P2=1)),
+                       (_dino_combine_kernel, sig_c, dict(N_P2=1, NT_P2=1))):
     sig1 = {k: ("constexpr" if v == "i32" else v) for k, v in sig.items()}
     const = {k: 1 for k, v in sig.items() if v == "i32"}
-    const.update(BLOCK_K=128, NT_P2=1)
+    const.update(extra)
     r = compile_for(fn, sig1, const, arch=90, num_warps=4)
     out.append(dict(kernel=r.name + "[ints=1]", dtype=dt, arch=90, block_k=128, num_warps=r.num_warps,
                     registers=r.registers, stack=r.stack, local=r.local, spill_stores=r.spill_stores,
@@ -184,7 +195,7 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(results) == 10
+    assert len(results) == 13
     for r in results:
         print(r)  # registers and spills, reported with -s
         assert not r["spills"], r
@@ -193,3 +204,31 @@ def test_kernels_compile_for_sm80_sm90_without_spills():
         cfg = launch_config(64, 65536, 2, el)
         assert cfg.fwd_tiles * cfg.fwd_block_k >= 65536 and cfg.bwd_tiles * cfg.bwd_block_k >= 65536
         assert cfg.fwd_block_k * el == 4096 and cfg.n_groups == 32
+
+
+@pytest.mark.parametrize("B,ncrops,n_teacher,n", [(1, 2, 2, 1), (3, 4, 2, 5), (8, 12, 2, 64), (5, 6, 3, 33),
+                                                  (4, 5, 1, 7), (2, 10, 2, 256)])
+def test_combine_kernel_matches_the_eager_formula(B, ncrops, n_teacher, n):
+    """The forward's last step (per-tile partials -> loss, lse, teacher max / sum-exp) in one
+    Triton launch, against combine_partials_reference in float64, on fresh random partials."""
+    import triton
+
+    from dino_fast.kernels.dino_loss import _dino_combine_kernel
+    from dino_fast.reference.loss import combine_partials_reference
+
+    smax = torch.randn(ncrops * B, n) * 5
+    ssum = torch.rand(ncrops * B, n) * 100 + 1
+    tmax = torch.randn(n_teacher * B, n) * 5
+    tsum = torch.rand(n_teacher * B, n) * 100 + 1
+    dots = torch.randn(ncrops * B, n_teacher, n) * 50
+    want = combine_partials_reference(smax.double().view(ncrops, B, n), ssum.double().view(ncrops, B, n),
+                                      tmax.double().view(n_teacher, B, n), tsum.double().view(n_teacher, B, n),
+                                      dots.double().view(ncrops, B, n_teacher, n), n_teacher)
+    lse, TM, TZ, part = (torch.full((k,), float("nan")) for k in (ncrops * B, n_teacher * B, n_teacher * B, B))
+    n_terms = n_teacher * ncrops - n_teacher
+    _dino_combine_kernel[(B,)](smax, ssum, tmax, tsum, dots, lse, TM, TZ, part, B, ncrops, n_teacher, n,
+                               1.0 / (B * n_terms), N_P2=triton.next_power_of_2(n),
+                               NT_P2=triton.next_power_of_2(n_teacher))
+    assert rel(part.sum(), want[0]) < 1e-5
+    for got, ref in zip((lse, TM, TZ), want[1:]):
+        assert torch.isfinite(got).all() and rel(got, ref) < 1e-6

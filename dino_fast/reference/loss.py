@@ -14,9 +14,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["dino_loss_reference", "update_center_reference", "DINOLossReference"]
+__all__ = ["dino_loss_reference", "update_center_reference", "DINOLossReference", "combine_partials_reference"]
 
 
 def dino_loss_reference(
@@ -120,3 +120,34 @@ class DINOLossReference(nn.Module):
         )
         self.center = update_center_reference(self.center, teacher_output, self.center_momentum)
         return loss
+
+
+def combine_partials_reference(
+    smax: Tensor, ssum: Tensor, tmax: Tensor, tsum: Tensor, dots: Tensor, n_teacher: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Turn per-chunk partials into the loss and the per-row statistics the backward needs: the
+    eager formula of the Triton forward's last step (kernels/dino_loss.py ``_dino_combine_kernel``,
+    which the kernel tests check against this).
+
+    Args (all fp32 or fp64, n = number of column chunks):
+        smax, ssum: (ncrops, B, n) chunk max of S/tau_s and sum of exp(S/tau_s - chunk max).
+        tmax, tsum: (n_teacher, B, n) the same for (T - c)/tau_t.
+        dots: (ncrops, B, n_teacher, n): sum_k exp((T_i - c)/tau_t - chunk max_i) * S_v/tau_s.
+
+    Returns:
+        loss (0-dim), lse (ncrops*B,), teacher max (n_teacher*B,), teacher sum-exp (n_teacher*B,).
+    """
+    ncrops, B, _ = smax.shape
+    TM = tmax.amax(dim=-1)                                    # (NT, B)
+    w = torch.exp(tmax - TM.unsqueeze(-1))                    # (NT, B, n)
+    TZ = (tsum * w).sum(-1)                                   # (NT, B)
+    qdot = (dots * w.permute(1, 0, 2).unsqueeze(0)).sum(-1) / TZ.t().unsqueeze(0)  # (ncrops, B, NT)
+    SM = smax.amax(dim=-1)                                    # (ncrops, B)
+    lse = SM + torch.log((ssum * torch.exp(smax - SM.unsqueeze(-1))).sum(-1))
+    v = torch.arange(ncrops, device=smax.device).unsqueeze(1)
+    i = torch.arange(n_teacher, device=smax.device).unsqueeze(0)
+    pair = (v != i).to(smax.dtype)                            # (ncrops, NT): 1 where (i, v) is a term
+    nq = pair.sum(1)                                          # |Q_v|
+    n_terms = n_teacher * ncrops - n_teacher
+    loss = ((nq.unsqueeze(1) * lse).sum() - (qdot * pair.unsqueeze(1)).sum()) / (B * n_terms)
+    return loss, lse.reshape(-1), TM.reshape(-1), TZ.reshape(-1)
