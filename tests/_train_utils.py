@@ -38,6 +38,7 @@ def tiny_config(data_root: Path, out_dir: Path, *extra: str) -> TrainConfig:
         "data.local_crops_number=2", "data.batch_size_per_gpu=4", "data.num_workers=0", "data.backend=folder",
         "optim.warmup_epochs=1", "optim.lr=0.001", "train.epochs=4", f"train.output_dir={out_dir}",
         "train.log_every=1", "train.progress=false", "train.saveckp_freq=0", "eval.knn_after_training=false",
+        "train.precision=fp32",  # the same numerics on every CPU ("auto" picks bf16 on CPUs with native bf16)
         *extra,
     ])
 

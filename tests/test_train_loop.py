@@ -111,3 +111,39 @@ def test_knn_report_skipped_without_val_root(data_root, tmp_path):
 
     tr = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=1"))
     assert run_knn_report(tr) == {}
+
+
+def test_auto_precision_on_cpu_follows_native_bf16(tmp_path, monkeypatch):
+    """'auto' on CPU: bf16 when /proc/cpuinfo lists avx512_bf16 or amx_bf16, else fp32; explicit
+    values pass through; fp16 on CPU is refused."""
+    import dino_fast.train.loop as loop_mod
+    from dino_fast.train.config import ConfigError
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert loop_mod.cpu_has_native_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 amx_tile amx_bf16\n")
+    assert loop_mod.cpu_has_native_bf16(info)
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n")
+    assert not loop_mod.cpu_has_native_bf16(info)
+    assert not loop_mod.cpu_has_native_bf16(tmp_path / "missing")
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(loop_mod, "cpu_has_native_bf16", lambda *a: True)
+    assert loop_mod.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(loop_mod, "cpu_has_native_bf16", lambda *a: False)
+    assert loop_mod.resolve_precision("auto", cpu) == "fp32"
+    assert loop_mod.resolve_precision("bf16", cpu) == "bf16" and loop_mod.resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        loop_mod.resolve_precision("fp16", cpu)
+
+
+def test_bf16_on_cpu_trains_and_resumes_exactly(data_root, tmp_path):
+    """bf16 autocast on the CPU (what 'auto' picks on CPUs with native bf16): finite losses and
+    the exact-resume guarantee hold as in fp32."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    s = Trainer(tiny_config(data_root, full, "train.max_iters=8", "train.precision=bf16")).fit()
+    assert s["iterations"] == 8 and math.isfinite(s["last_loss"])
+    Trainer(tiny_config(data_root, part, "train.max_iters=4", "train.precision=bf16")).fit()
+    Trainer(tiny_config(data_root, part, "train.max_iters=8", "train.precision=bf16")).fit()
+    a, b = read_losses(full), read_losses(part)
+    assert [a[i] for i in range(8)] == [b[i] for i in range(8)]

@@ -100,7 +100,7 @@ class TrainSection:
     epochs: int = 100
     seed: int = 0
     output_dir: str = "runs/default"
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    precision: str = "auto"  # auto (bf16 on GPU and on CPUs with native bf16, else fp32) | bf16 | fp16 | fp32
     resume: str = "auto"  # auto | none | PATH
     saveckp_freq: int = 20  # keep a numbered copy every N epochs (the latest is always kept)
     checkpoint_every_iters: int = 0  # also checkpoint every N iterations (0: epoch ends only)
