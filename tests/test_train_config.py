@@ -58,6 +58,7 @@ def test_unknown_section(tmp_path):
     ("data.color_jitter=[0.4, 0.4, 0.2, 0.7]", "hue <= 0.5"),
     ("data.color_jitter=[0.4, -0.4, 0.2, 0.1]", "every value >= 0"),
     ("data.color_jitter=[0.4, 0.4]", "expects 4 values"),
+    ("optim.momentum_teacher_end=1.5", "optim.momentum_teacher_end must be in [0, 1]"),
 ])
 def test_bad_values(override, fragment):
     with pytest.raises(ConfigError, match=None) as e:

@@ -147,3 +147,18 @@ def test_bf16_on_cpu_trains_and_resumes_exactly(data_root, tmp_path):
     Trainer(tiny_config(data_root, part, "train.max_iters=8", "train.precision=bf16")).fit()
     a, b = read_losses(full), read_losses(part)
     assert [a[i] for i in range(8)] == [b[i] for i in range(8)]
+
+
+def test_teacher_momentum_schedule_ends_at_the_configured_value(data_root, tmp_path):
+    """optim.momentum_teacher -> optim.momentum_teacher_end by the official cosine (end 1.0 by default)."""
+    from dino_fast.train.schedules import cosine_scheduler
+
+    official = Trainer(tiny_config(data_root, tmp_path / "a", "optim.momentum_teacher=0.9"))
+    short = Trainer(tiny_config(data_root, tmp_path / "b", "optim.momentum_teacher=0.9",
+                                "optim.momentum_teacher_end=0.95"))
+    n = len(official.momentum_schedule)
+    assert official.momentum_schedule[0] == short.momentum_schedule[0] == 0.9
+    assert official.momentum_schedule[-1] == pytest.approx(1.0, abs=1e-3)
+    assert short.momentum_schedule[-1] == pytest.approx(0.95, abs=1e-3)
+    e, per = official.cfg.train.epochs, n // official.cfg.train.epochs
+    assert list(short.momentum_schedule) == list(cosine_scheduler(0.9, 0.95, e, per))

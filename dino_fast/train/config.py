@@ -90,6 +90,7 @@ class OptimConfig:
     clip_mode: str = "per_param"  # per_param (official) | global
     freeze_last_layer: int = 1  # epochs during which the head's last layer gets no gradient
     momentum_teacher: float = 0.996
+    momentum_teacher_end: float = 1.0  # the cosine schedule's final value (official: 1.0)
     ema_backend: str = "auto"
 
 
@@ -190,6 +191,8 @@ class TrainConfig:
                 raise ConfigError(f"{key}={size} is not a multiple of model.patch_size={self.model.patch_size}")
         if not 0 <= self.optim.momentum_teacher <= 1:
             raise ConfigError(f"optim.momentum_teacher must be in [0, 1], got {self.optim.momentum_teacher}")
+        if not 0 <= self.optim.momentum_teacher_end <= 1:
+            raise ConfigError(f"optim.momentum_teacher_end must be in [0, 1], got {self.optim.momentum_teacher_end}")
         if not 0 <= self.loss.center_momentum <= 1:
             raise ConfigError(f"loss.center_momentum must be in [0, 1], got {self.loss.center_momentum}")
 

@@ -260,7 +260,7 @@ class Trainer:
         e = cfg.train.epochs
         self.lr_schedule = cosine_scheduler(self.base_lr, cfg.optim.min_lr, e, n, warmup_epochs=cfg.optim.warmup_epochs)
         self.wd_schedule = cosine_scheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, e, n)
-        self.momentum_schedule = cosine_scheduler(cfg.optim.momentum_teacher, 1.0, e, n)
+        self.momentum_schedule = cosine_scheduler(cfg.optim.momentum_teacher, cfg.optim.momentum_teacher_end, e, n)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.start_epoch = 0
