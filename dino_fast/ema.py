@@ -407,8 +407,7 @@ class TeacherEMA:
             return False
         if any(a is not b for a, b in zip(tensors, side.tensors)):
             return False
-        base = side.flat.data_ptr()
-        return [t.data_ptr() - base for t in tensors] == side.rel
+        return TeacherEMA._views_ok(side)
 
     @staticmethod
     def _views_ok(side: _Side) -> bool:

@@ -16,7 +16,7 @@ group of images and, per image, reads the NT teacher rows once and every student
   fp32 column sum of T over the group's images (for the center update, no second read of T).
   Q_v is never materialised: its normaliser is global, so the dots are kept per teacher row and
   rescaled when the partials are combined (an online softmax across tiles, done once at the end
-  over (rows, K/BLOCK_K) partials: a few KiB). Teacher and student statistics come from one read.
+  over (rows, K/BLOCK_K) partials, a few KiB, by ``_dino_combine_kernel``: one program per image). Teacher and student statistics come from one read.
 - ``_dino_bwd_kernel``: recomputes q_i and softmax(S_v/tau_s) tile by tile from the saved
   per-row statistics (lse per student row, max and sum-exp per teacher row; 3 floats per row)
   and writes dS once, in S's dtype. Reads the upstream gradient from device memory (no sync).

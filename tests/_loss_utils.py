@@ -28,3 +28,18 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     den = b.norm().item()
     return (a - b).norm().item() / (den if den > 0 else 1.0)
+
+
+def run_kernels(S, T, c, ncrops, n_teacher, tau_s, tau_t, upstream):
+    """Forward and backward launchers directly (on the inputs' device), with the gradient buffer
+    poisoned with NaN. Returns (loss, lse, colsum, gradient)."""
+    from dino_fast.kernels.dino_loss import dino_loss_backward_triton, dino_loss_forward_triton
+
+    c32 = c.reshape(-1).float().contiguous()
+    loss, lse, tmax, tsum, colsum = dino_loss_forward_triton(
+        S, T, c32, ncrops=ncrops, n_teacher=n_teacher, student_temp=tau_s, teacher_temp=tau_t)
+    out = torch.full_like(S, float("nan"))
+    g = dino_loss_backward_triton(torch.tensor(upstream, device=S.device), S, T, c32, lse, tmax, tsum, ncrops=ncrops,
+                                  n_teacher=n_teacher, student_temp=tau_s, teacher_temp=tau_t, out=out)
+    assert g is out
+    return loss, lse, colsum, g

@@ -14,7 +14,7 @@ from dino_fast.kernels.dino_loss import (
     dino_loss_backward_triton, dino_loss_forward_triton, launch_config,
 )
 from dino_fast.loss import dino_loss
-from tests._loss_utils import make_inputs, reference64, rel
+from tests._loss_utils import make_inputs, reference64, rel, run_kernels
 
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -31,18 +31,6 @@ CASES = [  # (B, K, ncrops, n_teacher, dtype): a subset of the cartesian product
     (32, 300, 4, 2, torch.float16),
     (1, 65536, 2, 2, torch.bfloat16),
 ]
-
-
-def run_kernels(S, T, c, ncrops, n_teacher, tau_s, tau_t, upstream):
-    """Forward and backward launchers directly, with the gradient buffer poisoned with NaN."""
-    c32 = c.reshape(-1).float().contiguous()
-    loss, lse, tmax, tsum, colsum = dino_loss_forward_triton(
-        S, T, c32, ncrops=ncrops, n_teacher=n_teacher, student_temp=tau_s, teacher_temp=tau_t)
-    out = torch.full_like(S, float("nan"))
-    g = dino_loss_backward_triton(torch.tensor(upstream), S, T, c32, lse, tmax, tsum, ncrops=ncrops,
-                                  n_teacher=n_teacher, student_temp=tau_s, teacher_temp=tau_t, out=out)
-    assert g is out
-    return loss, lse, colsum, g
 
 
 @pytest.mark.parametrize("B,K,ncrops,n_teacher,dtype", CASES)
