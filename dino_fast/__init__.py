@@ -3,7 +3,7 @@
 Public API (imported lazily so that ``import dino_fast`` stays cheap and never imports Triton
 before a caller had the chance to set ``TRITON_INTERPRET``):
 
-- :class:`DINOLoss`, :func:`dino_loss`, :func:`update_center` (``dino_fast.loss``)
+- :class:`DINOLoss`, :func:`dino_loss`, :func:`update_center`, :func:`koleo_loss` (``dino_fast.loss``)
 - :class:`TeacherEMA`, :func:`ema_update_` (``dino_fast.ema``)
 - :func:`momentum_schedule`, :func:`cosine_scheduler`, :func:`teacher_temp_schedule` (``dino_fast.train.schedules``)
 - models: :func:`vit_tiny`, :func:`vit_small`, :func:`vit_base`, :class:`DINOHead`,
@@ -21,6 +21,7 @@ _LAZY = {
     "DINOLoss": "dino_fast.loss",
     "dino_loss": "dino_fast.loss",
     "update_center": "dino_fast.loss",
+    "koleo_loss": "dino_fast.loss",
     "TeacherEMA": "dino_fast.ema",
     "ema_update_": "dino_fast.ema",
     "momentum_schedule": "dino_fast.train.schedules",

@@ -214,16 +214,35 @@ def test_trainer_on_gpu_bf16_by_default_and_resumes(data_root, tmp_path):
     from dino_fast.train.loop import Trainer
     from tests._train_utils import read_losses, tiny_config
 
-    tr = Trainer(tiny_config(data_root, tmp_path / "a", "train.max_iters=12"))
+    tr = Trainer(tiny_config(data_root, tmp_path / "a", "train.max_iters=12", "train.precision=auto"))
     assert tr.device.type == "cuda" and tr.precision == "bf16"
     s = tr.fit()
     assert s["iterations"] == 12 and math.isfinite(s["last_loss"])
     assert (tmp_path / "a" / "checkpoint.pth").exists()
     first = read_losses(tmp_path / "a")
     del tr
-    tr2 = Trainer(tiny_config(data_root, tmp_path / "a", "train.max_iters=20", "train.resume=auto"))
+    tr2 = Trainer(tiny_config(data_root, tmp_path / "a", "train.max_iters=20", "train.resume=auto",
+                              "train.precision=auto"))
     s2 = tr2.fit()
     assert s2["iterations"] == 20 and math.isfinite(s2["last_loss"])
     losses = read_losses(tmp_path / "a")
     assert set(first) <= set(losses) and max(losses) == 19
     assert all(math.isfinite(v) for v in losses.values())
+
+
+def test_koleo_on_gpu_matches_float64_and_trains(data_root, tmp_path):
+    from dino_fast.loss import koleo_loss
+    from dino_fast.reference.loss import koleo_loss_reference
+    from dino_fast.train.loop import Trainer
+    from tests._train_utils import tiny_config
+
+    g = torch.Generator().manual_seed(0)
+    for n, d in [(2, 3), (64, 192), (512, 384)]:
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(n, d, generator=g).to(dtype)
+            got = koleo_loss(x.to(DEV))
+            assert got.dtype == torch.float32
+            assert abs(got.item() - koleo_loss_reference(x.double()).item()) <= 1e-5 * max(1.0, abs(got.item()))
+    s = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=6", "train.precision=auto",
+                            "loss.koleo_weight=0.1")).fit()
+    assert s["iterations"] == 6 and math.isfinite(s["last_loss"])

@@ -308,3 +308,4 @@ def test_public_names_from_the_package():
     assert dino_fast.DINOLoss is loss_mod.DINOLoss
     assert dino_fast.dino_loss is loss_mod.dino_loss
     assert dino_fast.update_center is loss_mod.update_center
+    assert dino_fast.koleo_loss is loss_mod.koleo_loss

@@ -79,9 +79,12 @@ class MultiCropWrapper(nn.Module):
                 )
         return list(x)
 
-    def forward(self, x: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | Sequence[torch.Tensor], return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Crops (one tensor ``[B, C, H, W]`` or a list of them) -> logits ``[ncrops * B, out_dim]``,
-        crop-major."""
+        crop-major; with ``return_features=True`` also the backbone features ``[ncrops * B, D]``
+        (same order, the head's input: e.g. for a KoLeo term on the CLS features)."""
         crops = self._check_crops(x)
         groups = group_by_resolution(crops)
         batches = [crops[s] if e - s == 1 else torch.cat(crops[s:e]) for s, e in groups]
@@ -103,4 +106,5 @@ class MultiCropWrapper(nn.Module):
                     out = out[0]
                 outs.append(out)
             features = outs[0] if len(outs) == 1 else torch.cat(outs)
-        return self.head(features)
+        logits = self.head(features)
+        return (logits, features) if return_features else logits

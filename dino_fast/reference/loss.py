@@ -16,7 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["dino_loss_reference", "update_center_reference", "DINOLossReference", "combine_partials_reference"]
+__all__ = ["dino_loss_reference", "update_center_reference", "DINOLossReference", "combine_partials_reference",
+           "koleo_loss_reference"]
 
 
 def dino_loss_reference(
@@ -151,3 +152,20 @@ def combine_partials_reference(
     n_terms = n_teacher * ncrops - n_teacher
     loss = ((nq.unsqueeze(1) * lse).sum() - (qdot * pair.unsqueeze(1)).sum()) / (B * n_terms)
     return loss, lse.reshape(-1), TM.reshape(-1), TZ.reshape(-1)
+
+
+def koleo_loss_reference(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo (DINOv2) by its definition, for tests: all pairwise Euclidean distances of the
+    L2-normalised rows, each row's smallest distance to another row, ``-mean log(d + eps)``.
+
+    Args:
+        features: ``[N, D]`` float, N >= 2 (computed in float64).
+    Returns:
+        scalar float64, differentiable in ``features``.
+    """
+    x = features.double()
+    x = x / x.norm(dim=1, keepdim=True).clamp_min(eps)
+    n = x.shape[0]
+    d2 = (x[:, None, :] - x[None, :, :]).pow(2).sum(-1)
+    d2 = d2 + torch.diag(torch.full((n,), float("inf"), dtype=d2.dtype, device=d2.device))  # not its own neighbour
+    return -torch.log(d2.min(dim=1).values.sqrt() + eps).mean()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,7 @@ class LossConfig:
     center_momentum: float = 0.9
     backend: str = "auto"  # auto | triton | torch | reference
     async_center: bool = False
+    koleo_weight: float = 0.0  # DINOv2's KoLeo term on the student's global-crop CLS features (DINOv2: 0.1)
 
 
 @dataclass
@@ -195,6 +197,8 @@ class TrainConfig:
             raise ConfigError(f"optim.momentum_teacher_end must be in [0, 1], got {self.optim.momentum_teacher_end}")
         if not 0 <= self.loss.center_momentum <= 1:
             raise ConfigError(f"loss.center_momentum must be in [0, 1], got {self.loss.center_momentum}")
+        if not (math.isfinite(self.loss.koleo_weight) and self.loss.koleo_weight >= 0):
+            raise ConfigError(f"loss.koleo_weight must be a finite number >= 0, got {self.loss.koleo_weight}")
 
 
 def _choice(key: str, value: Any, choices: Sequence[str]) -> None:

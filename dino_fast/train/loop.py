@@ -435,7 +435,10 @@ class Trainer:
                              sample_ids=sample_ids, seed=cfg.train.seed, epoch=epoch)
         with _autocast(self.device, self.precision):
             teacher_out = self.teacher(crops[: cfg.data.global_crops_number])
-            student_out = self.student_ddp(crops)
+            if cfg.loss.koleo_weight > 0:
+                student_out, student_features = self.student_ddp(crops, return_features=True)
+            else:
+                student_out = self.student_ddp(crops)
         if cfg.train.check_finite:  # one min/max read of each output, no sync yet
             from dino_fast.loss import all_finite
 
@@ -443,6 +446,12 @@ class Trainer:
         else:
             bad = torch.zeros((), dtype=torch.bool, device=student_out.device)
         loss = self.dino_loss(student_out, teacher_out, epoch)
+        if cfg.loss.koleo_weight > 0:  # DINOv2: one KoLeo term per global crop, on the backbone CLS features
+            from dino_fast.loss import koleo_loss
+
+            n_global = cfg.data.global_crops_number * crops[0].shape[0]
+            koleo = sum(koleo_loss(f) for f in student_features[:n_global].chunk(cfg.data.global_crops_number))
+            loss = loss + cfg.loss.koleo_weight * koleo
         # one small all-reduce: [loss, ranks with non-finite outputs, ranks asked to stop]
         stats = torch.stack([loss.detach().float(), bad.float(),
                              torch.tensor(float(self._stop_signal is not None), device=bad.device)])
