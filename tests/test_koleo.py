@@ -123,3 +123,9 @@ def test_trainer_with_koleo_resumes_exactly(data_root, tmp_path):
 def test_config_rejects_bad_weight(value, shown):
     with pytest.raises(ConfigError, match=f"loss.koleo_weight must be a finite number >= 0, got {shown}"):
         load_config(None, [f"loss.koleo_weight={value}"])
+
+
+def test_config_rejects_koleo_with_one_sample_per_rank():
+    with pytest.raises(ConfigError, match=r"loss.koleo_weight=0.1 needs data.batch_size_per_gpu >= 2 .* got 1"):
+        load_config(None, ["loss.koleo_weight=0.1", "data.batch_size_per_gpu=1"])
+    load_config(None, ["loss.koleo_weight=0", "data.batch_size_per_gpu=1"])  # fine without the term

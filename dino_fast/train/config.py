@@ -199,6 +199,11 @@ class TrainConfig:
             raise ConfigError(f"loss.center_momentum must be in [0, 1], got {self.loss.center_momentum}")
         if not (math.isfinite(self.loss.koleo_weight) and self.loss.koleo_weight >= 0):
             raise ConfigError(f"loss.koleo_weight must be a finite number >= 0, got {self.loss.koleo_weight}")
+        if self.loss.koleo_weight > 0 and self.data.batch_size_per_gpu < 2:
+            raise ConfigError(
+                f"loss.koleo_weight={self.loss.koleo_weight} needs data.batch_size_per_gpu >= 2 (KoLeo takes each "
+                f"sample's nearest neighbour within the rank's batch), got {self.data.batch_size_per_gpu}"
+            )
 
 
 def _choice(key: str, value: Any, choices: Sequence[str]) -> None:
