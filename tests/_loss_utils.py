@@ -43,3 +43,27 @@ def run_kernels(S, T, c, ncrops, n_teacher, tau_s, tau_t, upstream):
                                   n_teacher=n_teacher, student_temp=tau_s, teacher_temp=tau_t, out=out)
     assert g is out
     return loss, lse, colsum, g
+
+
+def check_kernels_against_float64(S, T, c, ncrops, n_teacher, tol, tau_s=0.1, tau_t=0.04):
+    """The kernels (gradient buffer NaN-poisoned, a random upstream gradient in [0.5, 2)) against
+    the float64 reference: every gradient element written, in S's dtype; loss and gradient within
+    ``tol`` (relative) for K > 1; lse and the teacher column sum within 1e-6. For K == 1 (p = q = 1:
+    loss and gradient are zero up to exp rounding) only the loss is checked here (|loss| < 1e-6):
+    the gradient's bound depends on the device, so the caller asserts it.
+
+    Returns (gradient, upstream).
+    """
+    K = S.shape[-1]
+    upstream = float(torch.empty(()).uniform_(0.5, 2.0))
+    ref_loss, ref_g = reference64(S, T, c, ncrops, n_teacher, tau_s, tau_t)
+    loss, lse, colsum, g = run_kernels(S, T, c, ncrops, n_teacher, tau_s, tau_t, upstream)
+    assert g.dtype == S.dtype and torch.isfinite(g).all(), "gradient has unwritten (NaN-poisoned) elements"
+    if K == 1:
+        assert abs(loss.item()) < 1e-6
+    else:
+        assert rel(loss, ref_loss) < tol, (loss.item(), ref_loss.item())
+        assert rel(g, upstream * ref_g) < tol
+    assert rel(lse, torch.logsumexp(S.double() / tau_s, dim=-1)) < 1e-6
+    assert rel(colsum, T.double().sum(0)) < 1e-6
+    return g, upstream

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from dino_fast._backend import triton_interpreter_active
-from tests._loss_utils import make_inputs, reference64, rel, run_kernels
+from tests._loss_utils import check_kernels_against_float64, make_inputs, reference64, rel
 
 pytestmark = [
     pytest.mark.cuda,
@@ -63,20 +63,11 @@ LOSS_CASES = [  # (B, K, ncrops, n_teacher, dtype)
 @pytest.mark.parametrize("B,K,ncrops,n_teacher,dtype", LOSS_CASES)
 def test_loss_kernels_on_gpu_match_float64(B, K, ncrops, n_teacher, dtype):
     S, T, c = (t.to(DEV) for t in make_inputs(B, K, ncrops, n_teacher, dtype))
-    tau_s, tau_t = 0.1, 0.04
-    upstream = float(torch.empty(()).uniform_(0.5, 2.0))
-    ref_loss, ref_g = reference64(S, T, c, ncrops, n_teacher, tau_s, tau_t)
-    loss, lse, colsum, g = run_kernels(S, T, c, ncrops, n_teacher, tau_s, tau_t, upstream)  # NaN-poisoned out
-    assert g.dtype == dtype and g.device.type == "cuda"
-    assert torch.isfinite(g).all(), "gradient has unwritten (NaN-poisoned) elements"
+    g, upstream = check_kernels_against_float64(S, T, c, ncrops, n_teacher, TOL[dtype])  # NaN-poisoned out
+    assert g.device.type == "cuda"
     if K == 1:  # one column: p = q = 1, the gradient is zero up to the GPU's exp rounding
-        scale = upstream / (tau_s * B * (n_teacher * ncrops - n_teacher))
-        assert abs(loss.item()) < 1e-6 and g.float().abs().max().item() < 1e-5 * scale
-    else:
-        assert rel(loss, ref_loss) < TOL[dtype], (loss.item(), ref_loss.item())
-        assert rel(g, upstream * ref_g) < TOL[dtype]
-    assert rel(lse, torch.logsumexp(S.double() / tau_s, dim=-1)) < 1e-6
-    assert rel(colsum, T.double().sum(0)) < 1e-6
+        scale = upstream / (0.1 * B * (n_teacher * ncrops - n_teacher))  # tau_s = 0.1
+        assert g.float().abs().max().item() < 1e-5 * scale
 
 
 def test_loss_in_place_gradient_on_gpu():

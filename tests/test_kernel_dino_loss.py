@@ -14,7 +14,7 @@ from dino_fast.kernels.dino_loss import (
     dino_loss_backward_triton, dino_loss_forward_triton, launch_config,
 )
 from dino_fast.loss import dino_loss
-from tests._loss_utils import make_inputs, reference64, rel, run_kernels
+from tests._loss_utils import check_kernels_against_float64, make_inputs, reference64, rel
 
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
@@ -36,19 +36,9 @@ CASES = [  # (B, K, ncrops, n_teacher, dtype): a subset of the cartesian product
 @pytest.mark.parametrize("B,K,ncrops,n_teacher,dtype", CASES)
 def test_kernels_match_float64_reference(B, K, ncrops, n_teacher, dtype):
     S, T, c = make_inputs(B, K, ncrops, n_teacher, dtype)
-    tau_s, tau_t = 0.1, 0.04
-    upstream = float(torch.empty(()).uniform_(0.5, 2.0))
-    ref_loss, ref_g = reference64(S, T, c, ncrops, n_teacher, tau_s, tau_t)
-    loss, lse, colsum, g = run_kernels(S, T, c, ncrops, n_teacher, tau_s, tau_t, upstream)
-    assert g.dtype == dtype and torch.isfinite(g).all(), "gradient has unwritten (NaN-poisoned) elements"
-    tol = TOL[dtype]
+    g, _ = check_kernels_against_float64(S, T, c, ncrops, n_teacher, TOL[dtype])
     if K == 1:
-        assert abs(loss.item()) < 1e-6 and g.float().abs().max().item() < 1e-6
-    else:
-        assert rel(loss, ref_loss) < tol, (loss.item(), ref_loss.item())
-        assert rel(g, upstream * ref_g) < tol
-    assert rel(lse, torch.logsumexp(S.double() / tau_s, dim=-1)) < 1e-6
-    assert rel(colsum, T.double().sum(0)) < 1e-6
+        assert g.float().abs().max().item() < 1e-6
 
 
 def test_large_k_262144_through_autograd():
