@@ -122,14 +122,16 @@ def _patched_interpreter(stats: dict[str, int]) -> Iterator[None]:
     orig_load, orig_store = builder_cls.create_masked_load, builder_cls.create_masked_store
     orig_call = interp.GridExecutor.__call__
 
-    def load(self, ptrs, mask, other, cache_policy, is_volatile):
-        ret = orig_load(self, ptrs, mask, other, cache_policy, is_volatile)
+    # (ptrs, mask, other, <cache/eviction policies: two arguments up to triton 3.8, one from 3.9>,
+    # is_volatile) and (ptrs, value, mask, <policies>): only the leading arguments are read here
+    def load(self, ptrs, mask, *args):
+        ret = orig_load(self, ptrs, mask, *args)
         stats["bytes_loaded"] += int(mask.data.sum()) * ret.data.dtype.itemsize
         return ret
 
-    def store(self, ptrs, value, mask, cache_policy):
+    def store(self, ptrs, value, mask, *args):
         stats["bytes_stored"] += int(mask.data.sum()) * value.data.dtype.itemsize
-        return orig_store(self, ptrs, value, mask, cache_policy)
+        return orig_store(self, ptrs, value, mask, *args)
 
     def call(self, *args, **kwargs):
         stats["launches"] += 1

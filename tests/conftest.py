@@ -27,5 +27,16 @@ def data_root(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("imgs"))
 
 
+def _version(module: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(module)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
 def pytest_report_header(config):  # noqa: D103
-    return f"torch {torch.__version__}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}"
+    versions = ", ".join(f"{m} {_version(m)}" for m in ("triton", "numpy", "ffcv", "numba", "opencv-python"))
+    return (f"torch {torch.__version__}, {versions}; "
+            f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')}")
