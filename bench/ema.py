@@ -102,7 +102,7 @@ def _cuda_timings(teacher: nn.Module, student: nn.Module, m: float) -> dict[str,
     """do_bench (ms) on CUDA: ours, the reference loop, _foreach_lerp_, apex if installed."""
     from triton.testing import do_bench
 
-    from dino_fast.ema import TeacherEMA
+    from dino_fast.ops.ema.teacher import TeacherEMA
     from dino_fast.reference.ema import reference_ema_update_
 
     teacher, student = teacher.cuda(), student.cuda()
@@ -130,7 +130,7 @@ def _cuda_timings(teacher: nn.Module, student: nn.Module, m: float) -> dict[str,
 
 def bench_model(name: str, embed_dim: int, quick: bool) -> dict[str, Any]:
     """All measurements for one model (see the module docstring)."""
-    from dino_fast.ema import TeacherEMA
+    from dino_fast.ops.ema.teacher import TeacherEMA
     from dino_fast.reference.ema import reference_ema_update_
 
     m = 0.996

@@ -107,7 +107,7 @@ def ema_rows(bw: float) -> list[dict[str, Any]]:
         n = sum(p.numel() for p in student.parameters())
         r = ema_suite._cuda_timings(teacher, student, 0.996)
         try:
-            from dino_fast.ema import TeacherEMA
+            from dino_fast.ops.ema.teacher import TeacherEMA
 
             ema = TeacherEMA(teacher, student, backend="triton")
             tpd = [t.detach() for t in teacher.parameters()]

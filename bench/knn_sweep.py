@@ -108,7 +108,7 @@ def run_one(name: str, overrides: Sequence[str], *, eval_dir: str, std_dir: str,
     """
     import torch
 
-    from dino_fast.train.config import load_config
+    from dino_fast.config import load_config
     from dino_fast.train.loop import Trainer, build_backbone
 
     over = list(overrides)

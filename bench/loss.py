@@ -33,7 +33,8 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # count the kernels' traffic on CPU tensors
 
 from bench import common  # noqa: E402
-from dino_fast.loss import DINOLoss, dino_loss  # noqa: E402
+from dino_fast.losses.dino import DINOLoss
+from dino_fast.ops.soft_ce.function import dino_loss  # noqa: E402
 from dino_fast.reference.loss import DINOLossReference, dino_loss_reference  # noqa: E402
 
 K = 65536

@@ -30,7 +30,7 @@ NCROPS = 12
 
 def _output_check(S: torch.Tensor, T: torch.Tensor) -> torch.Tensor:
     """The trainer's output check (train_step): one bool per call, no host sync."""
-    from dino_fast.loss import all_finite
+    from dino_fast.utils.finite import all_finite
 
     return ~all_finite(S, T)
 
@@ -47,7 +47,7 @@ def bytes_model(dtype: torch.dtype, batch: int) -> dict[str, Any]:
     """Counted bytes of the checks (ours: all_finite; the obvious isfinite().all()) vs the floors
     of the work they guard."""
     from bench.ema import build_model
-    from dino_fast.loss import all_finite
+    from dino_fast.utils.finite import all_finite
 
     S = torch.randn(NCROPS * batch, K, dtype=dtype)
     T = torch.randn(2 * batch, K, dtype=dtype)
@@ -78,8 +78,9 @@ def cpu_times(batch: int, repeats: int) -> dict[str, Any]:
     """CPU medians: output check vs loss fwd+bwd; weight check vs TeacherEMA.update; both checks
     also as the obvious isfinite().all()."""
     from bench.ema import _pair
-    from dino_fast.ema import TeacherEMA
-    from dino_fast.loss import DINOLoss, all_finite
+    from dino_fast.ops.ema.teacher import TeacherEMA
+    from dino_fast.losses.dino import DINOLoss
+    from dino_fast.utils.finite import all_finite
 
     S = torch.randn(NCROPS * batch, K, requires_grad=True)
     T = torch.randn(2 * batch, K)

@@ -193,8 +193,8 @@ class StepSide:
 
             self.clip: Callable[[], Any] = lambda: clip_gradients_reference(self.student.parameters(), setup.clip)
         else:
-            from dino_fast.ema import TeacherEMA
-            from dino_fast.loss import DINOLoss
+            from dino_fast.ops.ema.teacher import TeacherEMA
+            from dino_fast.losses.dino import DINOLoss
             from dino_fast.train.optim import clip_gradients
 
             self.loss = DINOLoss(setup.out_dim, setup.ncrops, 0.04, 0.07, 30, 100,

@@ -3,9 +3,11 @@
 Public API (imported lazily so that ``import dino_fast`` stays cheap and never imports Triton
 before a caller had the chance to set ``TRITON_INTERPRET``):
 
-- :class:`DINOLoss`, :func:`dino_loss`, :func:`update_center`, :func:`koleo_loss` (``dino_fast.loss``)
-- :class:`TeacherEMA`, :func:`ema_update_` (``dino_fast.ema``)
-- :func:`momentum_schedule`, :func:`cosine_scheduler`, :func:`teacher_temp_schedule` (``dino_fast.train.schedules``)
+- losses: :class:`DINOLoss` (``dino_fast.losses.dino``), :func:`update_center`
+  (``dino_fast.losses.centering``), :func:`koleo_loss` (``dino_fast.losses.koleo``)
+- ops: :func:`dino_loss` (``dino_fast.ops.soft_ce``)
+- :class:`TeacherEMA`, :func:`ema_update_` (``dino_fast.ops.ema.teacher``)
+- :func:`momentum_schedule`, :func:`cosine_scheduler`, :func:`teacher_temp_schedule` (``dino_fast.utils.schedules``)
 - models: :func:`vit_tiny`, :func:`vit_small`, :func:`vit_base`, :class:`DINOHead`,
   :class:`MultiCropWrapper` (``dino_fast.models``)
 - data: :class:`MultiCropAugment` (``dino_fast.data``)
@@ -18,15 +20,15 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "DINOLoss": "dino_fast.loss",
-    "dino_loss": "dino_fast.loss",
-    "update_center": "dino_fast.loss",
-    "koleo_loss": "dino_fast.loss",
-    "TeacherEMA": "dino_fast.ema",
-    "ema_update_": "dino_fast.ema",
-    "momentum_schedule": "dino_fast.train.schedules",
-    "cosine_scheduler": "dino_fast.train.schedules",
-    "teacher_temp_schedule": "dino_fast.train.schedules",
+    "DINOLoss": "dino_fast.losses.dino",
+    "dino_loss": "dino_fast.ops.soft_ce.function",
+    "update_center": "dino_fast.losses.centering",
+    "koleo_loss": "dino_fast.losses.koleo",
+    "TeacherEMA": "dino_fast.ops.ema.teacher",
+    "ema_update_": "dino_fast.ops.ema.teacher",
+    "momentum_schedule": "dino_fast.utils.schedules",
+    "cosine_scheduler": "dino_fast.utils.schedules",
+    "teacher_temp_schedule": "dino_fast.utils.schedules",
     "vit_tiny": "dino_fast.models",
     "vit_small": "dino_fast.models",
     "vit_base": "dino_fast.models",

@@ -33,7 +33,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def run_kernels(S, T, c, ncrops, n_teacher, tau_s, tau_t, upstream):
     """Forward and backward launchers directly (on the inputs' device), with the gradient buffer
     poisoned with NaN. Returns (loss, lse, colsum, gradient)."""
-    from dino_fast.kernels.dino_loss import dino_loss_backward_triton, dino_loss_forward_triton
+    from dino_fast.ops.soft_ce.kernels import dino_loss_backward_triton, dino_loss_forward_triton
 
     c32 = c.reshape(-1).float().contiguous()
     loss, lse, tmax, tsum, colsum = dino_loss_forward_triton(

@@ -8,7 +8,7 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
-from dino_fast.train.config import TrainConfig, load_config
+from dino_fast.config import TrainConfig, load_config
 
 
 def make_image_folder(root: Path, n_classes: int = 3, per_class: int = 8, size: int = 48, seed: int = 0) -> Path:

@@ -7,7 +7,7 @@ import pytest
 
 from bench import knn_sweep
 from dino_fast.data.builtin import make_dataset
-from dino_fast.train.config import load_config
+from dino_fast.config import load_config
 
 
 def test_every_variant_is_a_valid_config():

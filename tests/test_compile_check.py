@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dino_fast.kernels import compile_check
+from dino_fast.ops import compile_check
 
 
 def _run_kernel_with_device_function() -> None:
     """The DINO backward kernel calls _grad_row (a device function) from inside the kernel."""
-    from dino_fast.loss import dino_loss
+    from dino_fast.ops.soft_ce.function import dino_loss
 
     S = torch.randn(2 * 3, 40, requires_grad=True)
     T = torch.randn(2 * 3, 40)
@@ -25,7 +25,7 @@ def test_interpreter_detected() -> None:
 
 @pytest.mark.parametrize("arch", [80, 90])
 def test_compile_after_interpreted_device_function(arch: int, tmp_path, monkeypatch) -> None:
-    from dino_fast.kernels import ema as kema
+    from dino_fast.ops.ema import kernels as kema
 
     _run_kernel_with_device_function()
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))  # a real compile, not a cache hit
@@ -39,7 +39,7 @@ def test_compile_after_interpreted_device_function(arch: int, tmp_path, monkeypa
 
 
 def test_child_compile_error_is_reported(tmp_path, monkeypatch) -> None:
-    from dino_fast.kernels import ema as kema
+    from dino_fast.ops.ema import kernels as kema
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     with pytest.raises(RuntimeError, match="_ema_kernel for sm_80 failed in a child process"):

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from dino_fast._backend import triton_interpreter_active
+from dino_fast.ops.backend import triton_interpreter_active
 from tests._loss_utils import check_kernels_against_float64, make_inputs, reference64, rel
 
 pytestmark = [
@@ -71,7 +71,7 @@ def test_loss_kernels_on_gpu_match_float64(B, K, ncrops, n_teacher, dtype):
 
 
 def test_loss_in_place_gradient_on_gpu():
-    from dino_fast.loss import dino_loss
+    from dino_fast.ops.soft_ce.function import dino_loss
 
     S, T, c = (t.to(DEV) for t in make_inputs(16, 65536, 10))
     _, ref_g = reference64(S, T, c, 10, 2, 0.1, 0.04)
@@ -83,7 +83,7 @@ def test_loss_in_place_gradient_on_gpu():
 
 
 def test_dinoloss_auto_picks_triton_on_gpu_and_matches_the_reference_module():
-    from dino_fast.loss import DINOLoss
+    from dino_fast.losses.dino import DINOLoss
     from dino_fast.reference.loss import DINOLossReference
 
     B, K, ncrops = 8, 65536, 10
@@ -101,7 +101,7 @@ def test_dinoloss_auto_picks_triton_on_gpu_and_matches_the_reference_module():
 
 
 def test_dinoloss_under_torch_compile_fullgraph_on_gpu():
-    from dino_fast.loss import DINOLoss
+    from dino_fast.losses.dino import DINOLoss
 
     B, K, ncrops = 8, 8192, 6
     crit = DINOLoss(K, ncrops, 0.04, 0.04, 0, 10, backend="triton").to(DEV)
@@ -132,7 +132,7 @@ def test_dinoloss_under_torch_compile_fullgraph_on_gpu():
 @pytest.mark.parametrize("n", [1, 127, 4096 + 3, (1 << 22) + 5, 44_000_011])
 @pytest.mark.parametrize("m", [0.0, 0.5, 0.996, 0.9999, 1.0])
 def test_ema_kernel_on_gpu_matches_float64(n, m):
-    from dino_fast.kernels.ema import ema_flat_
+    from dino_fast.ops.ema.kernels import ema_flat_
 
     t = torch.randn(n, device=DEV)
     s = torch.randn(n, device=DEV)
@@ -144,7 +144,7 @@ def test_ema_kernel_on_gpu_matches_float64(n, m):
 
 
 def test_teacher_ema_on_gpu_matches_the_official_loop():
-    from dino_fast.ema import TeacherEMA
+    from dino_fast.ops.ema.teacher import TeacherEMA
     from dino_fast.models import DINOHead, MultiCropWrapper, vit_small
     from dino_fast.reference.ema import reference_ema_update_
 
@@ -222,7 +222,7 @@ def test_trainer_on_gpu_bf16_by_default_and_resumes(data_root, tmp_path):
 
 
 def test_koleo_on_gpu_matches_float64_and_trains(data_root, tmp_path):
-    from dino_fast.loss import koleo_loss
+    from dino_fast.losses.koleo import koleo_loss
     from dino_fast.reference.loss import koleo_loss_reference
     from dino_fast.train.loop import Trainer
     from tests._train_utils import tiny_config

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dino_fast.ema import TeacherEMA, ema_update_
+from dino_fast.ops.ema.teacher import TeacherEMA, ema_update_
 from dino_fast.reference.ema import reference_ema_update_
 
 MOMENTA = [0.5, 0.996, 0.9999, 1.0]
@@ -592,7 +592,7 @@ def test_ddp_gloo(world_size: int, wrap: str) -> None:
 def test_update_walks_the_modules_only_after_a_registration(monkeypatch):
     """The per-update check is an address check of the bound tensors; the modules are walked again
     only after some module registered or replaced a parameter (or buffer, or submodule)."""
-    import dino_fast.ema as ema_mod
+    import dino_fast.ops.ema.teacher as ema_mod
 
     student = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))
     teacher = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3))

@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from dino_fast.kernels.dino_loss import (
+from dino_fast.ops.soft_ce.kernels import (
     dino_loss_backward_triton, dino_loss_forward_triton, launch_config,
 )
-from dino_fast.loss import dino_loss
+from dino_fast.ops.soft_ce.function import dino_loss
 from tests._loss_utils import check_kernels_against_float64, make_inputs, reference64, rel
 
 
@@ -63,7 +63,7 @@ def test_inplace_grad_through_triton():
 
 
 def test_triton_and_torch_backends_agree_in_dinoloss():
-    from dino_fast.loss import DINOLoss
+    from dino_fast.losses.dino import DINOLoss
 
     B, K, ncrops = 4, 2050, 6
     a = DINOLoss(K, ncrops, 0.04, 0.07, 2, 4, backend="triton")
@@ -118,8 +118,8 @@ def test_backward_launcher_rejects_bad_statistics():
 _COMPILE_SCRIPT = r"""
 import json, warnings
 warnings.filterwarnings("ignore")
-from dino_fast.kernels.compile_check import compile_for
-from dino_fast.kernels.dino_loss import _dino_fwd_kernel, _dino_bwd_kernel, launch_config
+from dino_fast.ops.compile_check import compile_for
+from dino_fast.ops.soft_ce.kernels import _dino_fwd_kernel, _dino_bwd_kernel, launch_config
 ints = ["B", "K", "NCROPS", "NTEACH", "stride_s", "stride_t"]
 out = []
 for dt in ("fp32", "bf16"):
@@ -138,11 +138,11 @@ for dt in ("fp32", "bf16"):
             out.append(dict(kernel=r.name, dtype=dt, arch=arch, block_k=bk, num_warps=r.num_warps,
                             registers=r.registers, stack=r.stack, local=r.local,
                             spill_stores=r.spill_stores, spill_loads=r.spill_loads, spills=r.spills))
-from dino_fast.kernels.dino_loss import _dino_combine_kernel
+from dino_fast.ops.soft_ce.kernels import _dino_combine_kernel
 sig_c = {n: "*fp32" for n in ["SMAX", "SSUM", "TMAX", "TSUM", "DOT", "LSE", "TMOUT", "TZOUT", "LOSS_PART"]}
 sig_c.update({"B": "i32", "NCROPS": "i32", "NTEACH": "i32", "n_tiles": "i32", "inv_terms": "fp32",
               "N_P2": "constexpr", "NT_P2": "constexpr"})
-from dino_fast.kernels.dino_loss import COMBINE_NUM_WARPS
+from dino_fast.ops.soft_ce.kernels import COMBINE_NUM_WARPS
 for arch, n_p2 in ((80, 64), (90, 64), (80, 256), (90, 256)):
     r = compile_for(_dino_combine_kernel, sig_c, {"N_P2": n_p2, "NT_P2": 2}, arch=arch, num_warps=COMBINE_NUM_WARPS)
     out.append(dict(kernel=r.name, dtype="fp32", arch=arch, block_k=n_p2, num_warps=r.num_warps,
@@ -192,7 +192,7 @@ def test_combine_kernel_matches_the_eager_formula(B, ncrops, n_teacher, n):
     Triton launch, against combine_partials_reference in float64, on fresh random partials."""
     import triton
 
-    from dino_fast.kernels.dino_loss import _dino_combine_kernel
+    from dino_fast.ops.soft_ce.kernels import _dino_combine_kernel
     from dino_fast.reference.loss import combine_partials_reference
 
     smax = torch.randn(ncrops * B, n) * 5

@@ -1,4 +1,4 @@
-"""kernels/ema.py under TRITON_INTERPRET=1: values vs float64, one launch, 12 bytes per element,
+"""dino_fast/ops/ema/kernels.py under TRITON_INTERPRET=1: values vs float64, one launch, 12 bytes per element,
 nothing written outside the buffer, launcher checks, and sm_80 / sm_90 builds without spills."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import common  # noqa: E402
-from dino_fast.ema import TeacherEMA  # noqa: E402
-from dino_fast.kernels import ema as kema  # noqa: E402
+from dino_fast.ops.ema.teacher import TeacherEMA  # noqa: E402
+from dino_fast.ops.ema import kernels as kema  # noqa: E402
 
 MOMENTA = [0.5, 0.996, 0.9999, 1.0, 0.0, 0.3]
 
@@ -157,7 +157,7 @@ def test_launcher_checks() -> None:
 def test_compiles_without_spills(arch: int) -> None:
     from triton.runtime.jit import JITFunction
 
-    from dino_fast.kernels.compile_check import compile_for
+    from dino_fast.ops.compile_check import compile_for
 
     # Under TRITON_INTERPRET=1 @triton.jit returns an InterpretedFunction; compile the same
     # Python source as a JITFunction.

@@ -5,7 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from dino_fast.loss import DINOLoss, NonFiniteError, Workspace, dino_loss, dino_loss_with_colsum, update_center
+from dino_fast.losses.dino import DINOLoss
+from dino_fast.utils.finite import NonFiniteError
+from dino_fast.ops.soft_ce.eager import Workspace
+from dino_fast.ops.soft_ce.function import dino_loss, dino_loss_with_colsum
+from dino_fast.losses.centering import update_center
 from dino_fast.reference.loss import DINOLossReference, update_center_reference
 from tests._loss_utils import make_inputs, reference64, rel
 

@@ -9,7 +9,7 @@ from dino_fast.reference.loss import DINOLossReference, dino_loss_reference, upd
 
 
 def numpy_dino_loss(S, T, c, ncrops, n_teacher, tau_s, tau_t):
-    """Pair-by-pair cross-entropy with numpy in float64, written from DESIGN.md section 1."""
+    """Pair-by-pair cross-entropy with numpy in float64, written from docs/DESIGN.md, "The DINO loss"."""
     S, T, c = (np.asarray(x, dtype=np.float64) for x in (S, T, c))
     B = S.shape[0] // ncrops
     terms = []
@@ -38,7 +38,7 @@ def test_reference_matches_numpy_definition(B, K, ncrops, n_teacher):
 
 
 def test_reference_gradient_matches_identity():
-    """dL/dS_v = (|Q_v| softmax(S_v/tau_s) - Q_v) / (tau_s B n_terms) (DESIGN.md section 2)."""
+    """dL/dS_v = (|Q_v| softmax(S_v/tau_s) - Q_v) / (tau_s B n_terms) (docs/DESIGN.md, "The DINO loss")."""
     B, K, ncrops = 3, 50, 5
     S = torch.randn(ncrops * B, K, dtype=torch.float64, requires_grad=True)
     T = torch.randn(2 * B, K, dtype=torch.float64)

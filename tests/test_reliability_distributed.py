@@ -211,7 +211,7 @@ def _one_rank_fails_worker(rank: int, world: int, port: int, data_root: str, out
 
     import torch.distributed as dist
 
-    from dino_fast.train.distributed import cleanup
+    from dino_fast.utils.distributed import cleanup
 
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})

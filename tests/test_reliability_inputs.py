@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from dino_fast.data import MultiCropConfig, build_multicrop_loader
-from dino_fast.ema import NonFiniteEMAError, TeacherEMA
+from dino_fast.ops.ema.teacher import NonFiniteEMAError, TeacherEMA
 from dino_fast.train import checkpoint as ck
 from dino_fast.train.loop import NonFiniteLossError, Trainer, main
 from tests._train_utils import make_image_folder, read_losses, tiny_config, write_config
@@ -290,7 +290,7 @@ def test_ema_check_finite_names_the_tensor_and_leaves_the_teacher():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_all_finite_agrees_with_isfinite(dtype):
     """The one-read check (aminmax) the trainer and TeacherEMA use, against isfinite().all()."""
-    from dino_fast.loss import all_finite
+    from dino_fast.utils.finite import all_finite
 
     rng = np.random.default_rng()
     x = torch.randn(int(rng.integers(1, 300)), int(rng.integers(1, 300))).to(dtype)

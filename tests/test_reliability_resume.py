@@ -3,7 +3,7 @@ to the uninterrupted run; a kill during a checkpoint write leaves the previous o
 SIGTERM writes a checkpoint and exits 0 with a message.
 
 The kills are made deterministic with the test-only hook ``DINO_FAST_FAULT=<point>:<iteration>``
-(see :mod:`dino_fast.train.checkpoint`). The killed runs are real ``python -m dino_fast train``
+(see :mod:`dino_fast.utils.checkpoint`). The killed runs are real ``python -m dino_fast train``
 subprocesses; the resumed runs go through the same ``main`` in this process (saves a second of
 interpreter start per run; the code path is the CLI's). Every run uses one CPU thread so that the
 arithmetic is reproducible bit for bit.

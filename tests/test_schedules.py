@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from dino_fast.train.schedules import cosine_scheduler, momentum_schedule, teacher_temp_schedule
+from dino_fast.utils.schedules import cosine_scheduler, momentum_schedule, teacher_temp_schedule
 
 
 def _scalar_cosine(base: float, final: float, epochs: int, niter: int, warm_ep: int, start: float) -> list[float]:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from dino_fast.train.config import VALID_KEYS, ConfigError, TrainConfig, config_from_dict, load_config
+from dino_fast.config import VALID_KEYS, ConfigError, TrainConfig, config_from_dict, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -117,7 +117,7 @@ def test_auto_precision_on_cpu_follows_native_bf16(tmp_path, monkeypatch):
     """'auto' on CPU: bf16 when /proc/cpuinfo lists avx512_bf16 or amx_bf16, else fp32; explicit
     values pass through; fp16 on CPU is refused."""
     import dino_fast.train.loop as loop_mod
-    from dino_fast.train.config import ConfigError
+    from dino_fast.config import ConfigError
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n")
@@ -151,7 +151,7 @@ def test_bf16_on_cpu_trains_and_resumes_exactly(data_root, tmp_path):
 
 def test_teacher_momentum_schedule_ends_at_the_configured_value(data_root, tmp_path):
     """optim.momentum_teacher -> optim.momentum_teacher_end by the official cosine (end 1.0 by default)."""
-    from dino_fast.train.schedules import cosine_scheduler
+    from dino_fast.utils.schedules import cosine_scheduler
 
     official = Trainer(tiny_config(data_root, tmp_path / "a", "optim.momentum_teacher=0.9"))
     short = Trainer(tiny_config(data_root, tmp_path / "b", "optim.momentum_teacher=0.9",

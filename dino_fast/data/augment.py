@@ -35,12 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from dino_fast.utils.image_stats import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["MultiCropAugment", "PhotometricParams", "rgb_to_grayscale", "adjust_hue", "gaussian_blur",
            "counter_uniform"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _GRAY = (0.299, 0.587, 0.114)
 SOLARIZE_THRESHOLD = 128.0 / 255.0
 

@@ -29,7 +29,7 @@ import torch
 
 from .crops import CropSpec, crop_box
 from .folder import available_cores
-from .loader import Batch, MultiCropConfig, _Backend
+from .base import Batch, LoaderBackend, MultiCropConfig
 
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
@@ -161,7 +161,7 @@ class MultiCropDecoder(SimpleRGBImageDecoder):
         return decode
 
 
-class FFCVBackend(_Backend):
+class FFCVBackend(LoaderBackend):
     """Multi-crop loading from a .beton file written by :func:`dino_fast.data.ffcv_writer.write_beton`."""
 
     name = "ffcv"

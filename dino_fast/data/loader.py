@@ -31,8 +31,10 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from .base import Batch, LoaderBackend, MultiCropConfig
 from .crops import CropSpec, crop_boxes
 from .folder import FolderScan, available_cores, format_report, load_rgb, scan_image_folder
+from dino_fast.utils.image_stats import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "MultiCropConfig",
@@ -45,10 +47,7 @@ __all__ = [
     "ffcv_available",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
-Batch = tuple[torch.Tensor, ...]
 
 
 def ffcv_available() -> tuple[bool, str]:
@@ -59,63 +58,6 @@ def ffcv_available() -> tuple[bool, str]:
     except Exception as e:  # ImportError, or a broken native extension (OSError)
         return False, f"FFCV is not importable ({type(e).__name__}: {e})"
     return True, ""
-
-
-@dataclass
-class MultiCropConfig:
-    """Configuration of the multi-crop training loader (per rank).
-
-    Attributes:
-        root: an image folder (ImageFolder convention) or an FFCV ``.beton`` file.
-        backend: ``"auto"`` (FFCV when ``root`` is a .beton file and FFCV imports, else the
-            folder loader), ``"ffcv"`` or ``"folder"``.
-        global_crops_number, global_crops_size, global_crops_scale: the global crops.
-        local_crops_number, local_crops_size, local_crops_scale: the local crops.
-        batch_size: samples per batch on this rank.
-        num_workers: decoding workers (processes for the folder loader, threads for FFCV),
-            clamped to the cores available.
-        seed: seed of the order and of the crop boxes.
-        drop_last: drop the last incomplete batch (and cut the order to a multiple of the world
-            size so that every rank runs the same number of batches).
-    """
-
-    root: str
-    backend: Literal["auto", "ffcv", "folder"] = "auto"
-    global_crops_number: int = 2
-    global_crops_size: int = 224
-    global_crops_scale: tuple[float, float] = (0.4, 1.0)
-    local_crops_number: int = 8
-    local_crops_size: int = 96
-    local_crops_scale: tuple[float, float] = (0.05, 0.4)
-    batch_size: int = 64
-    num_workers: int = 4
-    seed: int = 0
-    drop_last: bool = True
-
-    def crop_spec(self) -> CropSpec:
-        """The crop geometry as a validated :class:`CropSpec`."""
-        return CropSpec(
-            global_number=int(self.global_crops_number),
-            global_size=int(self.global_crops_size),
-            global_scale=tuple(self.global_crops_scale),  # type: ignore[arg-type]
-            local_number=int(self.local_crops_number),
-            local_size=int(self.local_crops_size),
-            local_scale=tuple(self.local_crops_scale),  # type: ignore[arg-type]
-        )
-
-    def validate(self) -> None:
-        """Raise ValueError/TypeError naming the first field that is out of range."""
-        if not isinstance(self.root, (str, os.PathLike)):
-            raise TypeError(f"root must be a path string, got {type(self.root).__name__}")
-        if self.backend not in ("auto", "ffcv", "folder"):
-            raise ValueError(f"backend must be 'auto', 'ffcv' or 'folder', got {self.backend!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 0:
-            raise ValueError(f"num_workers must be an int >= 0, got {self.num_workers!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
-        self.crop_spec()
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
@@ -144,7 +86,7 @@ class MultiCropLoader:
 
     def __init__(
         self,
-        backend: "_Backend",
+        backend: "LoaderBackend",
         cfg: MultiCropConfig,
         *,
         rank: int,
@@ -213,11 +155,11 @@ class MultiCropLoader:
         self._check_start(batch_index)
         batches = self.batch_indices()[batch_index:]
         it = iter(self._backend.iterate(self.epoch, batches))
-        fault = os.environ.get("DINO_FAST_FAULT")  # test-only, see dino_fast.train.checkpoint
+        fault = os.environ.get("DINO_FAST_FAULT")  # test-only, see dino_fast.utils.checkpoint
         k = batch_index
         while True:
             if fault:
-                from dino_fast.train.checkpoint import fault_point
+                from dino_fast.utils.faults import fault_point
 
                 fault_point("data_loading", self.epoch * len(self) + k)
             try:
@@ -236,17 +178,6 @@ class MultiCropLoader:
             f"batches={len(self)}, batch_size={self.cfg.batch_size}, rank={self.rank}/{self.world_size}, "
             f"epoch={self.epoch})"
         )
-
-
-class _Backend:
-    """Interface of a loader backend: ``n``, ``classes`` and ``iterate(epoch, batches)``."""
-
-    name: str
-    n: int
-    classes: list[str]
-
-    def iterate(self, epoch: int, batches: Sequence[np.ndarray]) -> Iterator[Batch]:  # pragma: no cover
-        raise NotImplementedError
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,7 +232,7 @@ class _FolderBatches(Dataset):
         return g, loc, labels, boxes
 
 
-class _FolderBackend(_Backend):
+class _FolderBackend(LoaderBackend):
     name = "folder"
 
     def __init__(self, cfg: MultiCropConfig, scan: FolderScan) -> None:
@@ -368,7 +299,7 @@ def build_multicrop_loader(
             )
         from .ffcv_loader import FFCVBackend
 
-        impl: _Backend = FFCVBackend(cfg)
+        impl: LoaderBackend = FFCVBackend(cfg)
     else:
         if is_beton:
             raise RuntimeError(f"{root!r} is an FFCV file but FFCV is not usable: {ffcv_available()[1]}")

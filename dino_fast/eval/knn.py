@@ -17,6 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dino_fast.config import config_from_dict
+from dino_fast.data import build_eval_loader
+from dino_fast.data.builtin import ensure_builtin_dataset
+from dino_fast.methods.base import build_backbone
+from dino_fast.utils import checkpoint as ckpt_mod
+
 
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,7 +120,6 @@ def knn_eval_backbone(
 
     Returns ``{str(k): {"top1": %, "top5": %}}``.
     """
-    from dino_fast.data import build_eval_loader
 
     device = torch.device(device)
     loaders = [build_eval_loader(str(r), image_size=image_size, resize_size=resize_size,
@@ -140,8 +145,6 @@ def run_eval_roots(cfg: Any) -> Optional[tuple[Path, Path]]:
     """
     if cfg.data.root:
         return (Path(cfg.data.root), Path(cfg.data.val_root)) if cfg.data.val_root else None
-    from dino_fast.data.builtin import ensure_builtin_dataset
-
     base = Path(ensure_builtin_dataset(cfg.data.builtin_dir))
     return base / "train", Path(cfg.data.val_root) if cfg.data.val_root else base / "val"
 
@@ -150,10 +153,6 @@ def load_backbone_from_checkpoint(path: str | Path, which: str = "teacher") -> t
     """Rebuild the backbone of a training checkpoint (``which`` = teacher or student) and return
     (backbone, TrainConfig). Also accepts an exported ``teacher_backbone.pth`` when a
     ``config.json`` lies next to it."""
-    from dino_fast.train import checkpoint as ckpt_mod
-    from dino_fast.train.config import config_from_dict
-    from dino_fast.train.loop import build_backbone
-
     path = Path(path)
     if path.name == "teacher_backbone.pth":
         cfg_path = path.parent / "config.json"

@@ -186,6 +186,9 @@ class VisionTransformer(nn.Module):
         drop_path_rate: stochastic depth, increasing linearly from 0 to this over the blocks.
         norm_layer: norm constructor ``f(dim) -> nn.Module`` (default LayerNorm, eps 1e-6).
         attn_backend: ``"auto" | "xformers" | "sdpa" | "math"`` (see :mod:`.attention`).
+        mask_token: add a learnt ``mask_token`` ``[1, embed_dim]`` (zero-initialised, as DINOv2)
+            that replaces masked patch tokens in :meth:`forward_features`. Off by default, so the
+            state dict keeps the official DINO keys (official weights load strict).
 
     Attributes: ``embed_dim`` (= ``num_features``), ``patch_size``, ``num_heads``, ``depth``.
     """
@@ -206,6 +209,7 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: Callable[[int], nn.Module] | None = None,
         attn_backend: str = "auto",
+        mask_token: bool = False,
     ) -> None:
         super().__init__()
         img_size = _as_img_size(img_size)
@@ -240,6 +244,10 @@ class VisionTransformer(nn.Module):
         )
         self.norm = norm_layer(embed_dim)
         self.head = nn.Identity()  # no classifier: MultiCropWrapper and the official code expect this
+        if mask_token:
+            self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
+        else:
+            self.mask_token = None
 
         nn.init.trunc_normal_(self.pos_embed, std=0.02, a=-2.0, b=2.0)
         nn.init.trunc_normal_(self.cls_token, std=0.02, a=-2.0, b=2.0)
@@ -325,17 +333,45 @@ class VisionTransformer(nn.Module):
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"image size {H}x{W} is not divisible by patch_size {self.patch_size}")
 
-    def prepare_tokens(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> tokens ``[B, 1 + (H/P)*(W/P), D]`` (CLS first, position
-        embeddings added)."""
+        embeddings added). ``masks``: optional bool ``[B, (H/P)*(W/P)]``; True patches are
+        replaced by the mask token before the position embeddings are added (as DINOv2)."""
         self._check_images(x)
         B, _, w, h = x.shape
         x = self.patch_embed(x)  # [B, n, D]
+        if masks is not None:
+            if self.mask_token is None:
+                raise ValueError("masks given but this VisionTransformer has no mask token "
+                                 "(build it with mask_token=True)")
+            if masks.dtype != torch.bool or tuple(masks.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"masks must be a bool tensor of shape {tuple(x.shape[:2])} "
+                                 f"(images, patches), got {masks.dtype} {tuple(masks.shape)}")
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)  # [B, n + 1, D]
         x = x + self.interpolate_pos_encoding(x, w, h)
         return self.pos_drop(x)
 
     # ---------------------------------------------------------------- forward passes
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Images ``[B, C, H, W]`` float (and optional bool ``masks [B, N]``) -> a dict:
+
+        - ``x_norm_clstoken``: ``[B, D]`` CLS token after the final norm (what :meth:`forward`
+          returns);
+        - ``x_norm_patchtokens``: ``[B, N, D]`` patch tokens after the final norm;
+        - ``x_prenorm``: ``[B, 1 + N, D]`` all tokens before the final norm;
+        - ``masks``: the ``masks`` given (or None).
+
+        N = (H/P)*(W/P). Same keys as DINOv2's ``forward_features``.
+        """
+        backend = self.resolve_attn_backend(x.device)
+        x = self.prepare_tokens(x, masks)
+        for blk in self.blocks:
+            x = blk(x, backend)
+        x_norm = self.norm(x)
+        return {"x_norm_clstoken": x_norm[:, 0], "x_norm_patchtokens": x_norm[:, 1:], "x_prenorm": x,
+                "masks": masks}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` float -> CLS features after the final norm ``[B, embed_dim]``."""
         backend = self.resolve_attn_backend(x.device)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset
+from dino_fast.utils.image_stats import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "random_resized_crop",
@@ -35,8 +36,6 @@ __all__ = [
     "build_reference_loader",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def random_resized_crop(

@@ -127,7 +127,7 @@ def combine_partials_reference(
     smax: Tensor, ssum: Tensor, tmax: Tensor, tsum: Tensor, dots: Tensor, n_teacher: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Turn per-chunk partials into the loss and the per-row statistics the backward needs: the
-    eager formula of the Triton forward's last step (kernels/dino_loss.py ``_dino_combine_kernel``,
+    eager formula of the Triton forward's last step (dino_fast/ops/soft_ce/kernels.py ``_dino_combine_kernel``,
     which the kernel tests check against this).
 
     Args (all fp32 or fp64, n = number of column chunks):

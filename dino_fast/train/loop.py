@@ -1,12 +1,15 @@
-"""The DINO training loop and the ``dino-fast train`` command.
+"""The training loop and the ``dino-fast train`` command: one loop for every method.
 
-One iteration (official DINO recipe, DESIGN.md section 1):
+One iteration (docs/DESIGN.md, "The training step"):
     lr / weight decay from their per-iteration schedules
     crops = augment(uint8 crops)                      (batched, on the training device)
-    t = teacher(crops[:2]);  s = student(crops)       (autocast bf16 on GPU by default)
-    loss = DINOLoss(s, t, epoch)                      (fused loss; center updated inside)
-    backward; clip gradients (per parameter); drop last-layer grads in the first epoch(s)
-    AdamW step; teacher <- EMA(student) with the cosine momentum schedule
+    out = method.forward_step(crops, epoch, it)       (named, weighted loss terms; the method runs
+                                                       its networks under the trainer's autocast)
+    backward of sum(weight * term); clip gradients (per parameter); drop last-layer grads in
+    the first epoch(s); AdamW step; teacher <- EMA(student) over ``method.ema_modules()``;
+    method.after_step(it)
+
+The trainer imports no method: :func:`dino_fast.methods.build_method` builds ``method.name``.
 
 Exact resume: every iteration reseeds its random streams from (seed, rank, iteration), the
 loader's order is a function of (seed, epoch), and checkpoints hold everything else (weights,
@@ -21,7 +24,7 @@ Reliability (README, "what survives what"): every iteration all-reduces one smal
 a non-finite flag and a stop flag, so every rank stops at the same iteration on a NaN/inf
 (with ``train.check_finite`` the student and teacher outputs are checked, and the rank that holds
 the bad value names its crop and row) and on SIGTERM/SIGINT (a checkpoint, then exit 0).
-The test-only fault-injection hook is documented in :mod:`dino_fast.train.checkpoint`.
+The test-only fault-injection hook is documented in :mod:`dino_fast.utils.checkpoint`.
 """
 from __future__ import annotations
 
@@ -42,14 +45,23 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 import torch.distributed as torch_dist
 from torch import nn
 
-from dino_fast.train import checkpoint as ckpt_mod
-from dino_fast.train.config import ConfigError, TrainConfig, load_config
-from dino_fast.train.checkpoint import fault_point
-from dino_fast.train.distributed import DistInfo, barrier, cleanup, init_distributed, is_dist
+from dino_fast.config import ConfigError, TrainConfig, load_config
+from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_loader
+from dino_fast.data.builtin import ensure_builtin_dataset
+from dino_fast.eval.knn import knn_eval_backbone, run_eval_roots
+from dino_fast.methods import Method, StepOutput, build_backbone, build_method
+from dino_fast.ops.ema import NonFiniteEMAError, TeacherEMA
 from dino_fast.train.optim import build_adamw, cancel_gradients_last_layer, clip_gradients
+from dino_fast.train.precision import autocast_context, resolve_precision, set_speed_flags
+from dino_fast.utils import checkpoint as ckpt_mod
+from dino_fast.utils.distributed import DistInfo, barrier, cleanup, init_distributed, is_dist
+from dino_fast.utils.faults import fault_point
+from dino_fast.utils.finite import NonFiniteError, all_finite, check_finite
+from dino_fast.utils.schedules import cosine_scheduler
 
 log = logging.getLogger("dino_fast.train")
 
@@ -66,46 +78,6 @@ class TrainingInterrupted(Exception):
 # --------------------------------------------------------------------------------------------
 # building blocks
 # --------------------------------------------------------------------------------------------
-
-def build_backbone(cfg: TrainConfig, *, teacher: bool) -> nn.Module:
-    """The ViT backbone of the student (with drop path) or of the teacher (without)."""
-    from dino_fast import models
-
-    factory = getattr(models, cfg.model.arch)
-    kwargs: dict[str, Any] = dict(
-        patch_size=cfg.model.patch_size,
-        img_size=cfg.data.global_crops_size,
-        drop_path_rate=0.0 if teacher else cfg.model.drop_path_rate,
-        attn_backend=cfg.model.attn_backend,
-    )
-    if cfg.model.depth is not None:
-        kwargs["depth"] = cfg.model.depth
-    return factory(**kwargs)
-
-
-def build_student_teacher(cfg: TrainConfig) -> tuple[nn.Module, nn.Module]:
-    """Student and teacher :class:`MultiCropWrapper` s with DINO heads; the teacher starts as a
-    copy of the student and never receives gradients."""
-    from dino_fast.models import DINOHead, MultiCropWrapper
-
-    def head() -> nn.Module:
-        return DINOHead(
-            embed_dim, cfg.model.out_dim, use_bn=cfg.model.use_bn_in_head,
-            norm_last_layer=cfg.model.norm_last_layer, hidden_dim=cfg.model.head_hidden_dim,
-            bottleneck_dim=cfg.model.head_bottleneck_dim,
-        )
-
-    s_backbone = build_backbone(cfg, teacher=False)
-    t_backbone = build_backbone(cfg, teacher=True)
-    embed_dim = s_backbone.embed_dim
-    fused = cfg.model.fused_multicrop_attention
-    student = MultiCropWrapper(s_backbone, head(), fused_attention=fused)
-    teacher = MultiCropWrapper(t_backbone, head(), fused_attention=fused)
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return student, teacher
-
 
 def _iteration_seed(seed: int, rank: int, it: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + it * 104_729) % (2**63 - 1)
@@ -126,70 +98,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision == "fp16":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def cpu_has_native_bf16(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> bool:
-    """True when the CPU has bf16 dot-product instructions (the ``avx512_bf16`` or ``amx_bf16``
-    flag in Linux's ``/proc/cpuinfo``); False elsewhere or when the file cannot be read. Without
-    them bf16 matmuls are emulated and slower than fp32."""
-    try:
-        text = Path(cpuinfo).read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return bool({"avx512_bf16", "amx_bf16"} & set(line.split(":", 1)[-1].split()))
-    return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> bf16 on CUDA (fp16 on GPUs without bf16); on CPU bf16 where the CPU has native
-    bf16 instructions (:func:`cpu_has_native_bf16`: a training step 1.6-1.7x faster than fp32 on
-    an AVX512-BF16 machine), fp32 otherwise."""
-    if precision != "auto":
-        if precision == "fp16" and device.type != "cuda":
-            raise ConfigError("train.precision=fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def _set_speed_flags(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
 # --------------------------------------------------------------------------------------------
 # the trainer
 # --------------------------------------------------------------------------------------------
 
 class Trainer:
-    """A DINO pretraining run described by a :class:`TrainConfig`.
+    """A pretraining run of ``cfg.method.name`` described by a :class:`TrainConfig`.
 
     Usage: ``Trainer(cfg).fit()``; returns a summary dict (iterations run, last loss, paths).
+    ``trainer.method`` is the :class:`~dino_fast.methods.Method` (student, teacher, losses).
     """
 
     def __init__(self, cfg: TrainConfig, dist_info: Optional[DistInfo] = None) -> None:
-        from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_loader
-        from dino_fast.ema import TeacherEMA
-        from dino_fast.loss import DINOLoss
-        from dino_fast.train.schedules import cosine_scheduler
-
         self.cfg = cfg
         self.dist = dist_info or init_distributed(cfg.train.dist_backend)
         self.device = self.dist.device
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
-        _set_speed_flags(self.device)
+        set_speed_flags(self.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.out_dir = Path(cfg.train.output_dir)
         if self.dist.is_main:
@@ -228,34 +154,27 @@ class Trainer:
             saturation=cfg.data.color_jitter[2], hue=cfg.data.color_jitter[3], grayscale_p=cfg.data.grayscale_p,
         ).to(self.device)
 
-        # models
+        # the method: student, teacher, losses and their state
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        student, teacher = build_student_teacher(cfg)
-        self.student = student.to(self.device)
-        self.teacher = teacher.to(self.device)
+        self.method: Method = build_method(cfg).to(self.device)
+        self.method.set_autocast(lambda: autocast_context(self.device, self.precision))
         if cfg.model.compile:
-            for m in (self.student, self.teacher):
+            for m in (self.method.student, self.method.teacher):
                 m.backbone.compile_blocks()
-        self.student_ddp: nn.Module = self.student
+        self.student_ddp: nn.Module = self.method.student
         if self.dist.distributed:
             self.student_ddp = nn.parallel.DistributedDataParallel(
-                self.student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                self.method.student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
-        self.ema = TeacherEMA(self.teacher, self.student_ddp, backend=cfg.optim.ema_backend,
+            self.method.set_student_forward(self.student_ddp)
+        ema_teacher, ema_student = self.method.ema_modules()
+        self.ema = TeacherEMA(ema_teacher, ema_student, backend=cfg.optim.ema_backend,
                               check_finite=cfg.train.check_finite)
-
-        ncrops = cfg.data.global_crops_number + cfg.data.local_crops_number
-        self.dino_loss = DINOLoss(
-            cfg.model.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
-            cfg.loss.warmup_teacher_temp_epochs, cfg.train.epochs, student_temp=cfg.loss.student_temp,
-            center_momentum=cfg.loss.center_momentum, backend=cfg.loss.backend,
-            async_center=cfg.loss.async_center, check_finite=False,  # checked in train_step, on all ranks
-        ).to(self.device)
 
         # optimisation
         self.global_batch = cfg.data.batch_size_per_gpu * self.dist.world_size
         self.base_lr = cfg.optim.lr * self.global_batch / 256.0
-        self.optimizer = build_adamw(self.student)
+        self.optimizer = build_adamw(self.method.student)
         n = self.niter_per_epoch
         e = cfg.train.epochs
         self.lr_schedule = cosine_scheduler(self.base_lr, cfg.optim.min_lr, e, n, warmup_epochs=cfg.optim.warmup_epochs)
@@ -271,6 +190,17 @@ class Trainer:
         self._stop_all = False
         self._metrics_file = None
         self._tb = None
+        self.last_terms: dict[str, float] = {}
+
+    @property
+    def student(self) -> nn.Module:
+        """The method's student (unwrapped)."""
+        return self.method.student
+
+    @property
+    def teacher(self) -> nn.Module:
+        """The method's teacher."""
+        return self.method.teacher
 
     # ---------------------------------------------------------------- data paths
     def train_root(self) -> Path:
@@ -284,8 +214,6 @@ class Trainer:
 
     def builtin_root(self) -> Path:
         """The built-in dataset's folder (generated by rank 0, others wait)."""
-        from dino_fast.data.builtin import ensure_builtin_dataset
-
         if self.dist.is_main:
             path = ensure_builtin_dataset(self.cfg.data.builtin_dir)
         barrier()
@@ -298,11 +226,11 @@ class Trainer:
         """Everything needed for an exact resume at (next_epoch, next_batch)."""
         return {
             "format_version": ckpt_mod.FORMAT_VERSION,
-            "student": self.student.state_dict(),
-            "teacher": self.teacher.state_dict(),
+            "student": self.method.student.state_dict(),
+            "teacher": self.method.teacher.state_dict(),
+            "method": {"name": self.method.name, "state": self.method.method_state_dict()},
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "dino_loss": self.dino_loss.state_dict(),
             "epoch": next_epoch,
             "batch": next_batch,
             "iteration": self.iteration,
@@ -352,11 +280,12 @@ class Trainer:
         if ck.get("world_size", 1) != self.dist.world_size:
             log.warning("checkpoint was written with world size %s, resuming with %s",
                         ck.get("world_size"), self.dist.world_size)
-        self.student.load_state_dict(ck["student"])
-        self.teacher.load_state_dict(ck["teacher"])
+        method_state = self._method_state(ck, path)
+        self.method.student.load_state_dict(ck["student"])
+        self.method.teacher.load_state_dict(ck["teacher"])
+        self.method.load_method_state_dict(method_state)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
-        self.dino_loss.load_state_dict(ck["dino_loss"])
         self.start_epoch, self.start_batch = int(ck["epoch"]), int(ck["batch"])
         self.iteration = int(ck["iteration"])
         _set_rng_state(ck["rng"])
@@ -364,6 +293,23 @@ class Trainer:
             log.info("resumed from %s at epoch %d, batch %d (iteration %d)", path, self.start_epoch,
                      self.start_batch, self.iteration)
         return True
+
+    def _method_state(self, ck: dict[str, Any], path: Path) -> dict[str, Any]:
+        """The method state of checkpoint ``ck``: its ``method`` entry, or what the method
+        recovers from an older format (e.g. DINO's ``dino_loss``); errors name the mismatch."""
+        entry = ck.get("method")
+        if entry is None:
+            state = type(self.method).legacy_method_state(ck)
+            if state is None:
+                raise ckpt_mod.CheckpointError(f"{path} has no 'method' entry and no state method "
+                                               f"{self.method.name!r} can recover")
+            log.warning("%s is in the format before methods (no 'method' entry); its %s state was recovered",
+                        path, self.method.name)
+            return state
+        if entry.get("name") != self.method.name:
+            raise ckpt_mod.CheckpointError(f"{path} was written by method {entry.get('name')!r}, this run trains "
+                                           f"method.name={self.method.name!r}")
+        return entry["state"]
 
     # ---------------------------------------------------------------- logging
     def _log_metrics(self, record: dict[str, Any]) -> None:
@@ -413,7 +359,8 @@ class Trainer:
                 augmentation is a function of (seed, epoch, sample id) (rank-independent), else
                 of the per-iteration generator.
 
-        Returns the loss averaged over ranks (the global-batch loss).
+        Returns the total loss averaged over ranks (the global-batch loss); the per-term values
+        (unweighted, averaged over ranks) are in :attr:`last_terms`.
 
         Raises:
             NonFiniteLossError: NaN/inf in the loss, in the model outputs (``train.check_finite``)
@@ -433,36 +380,27 @@ class Trainer:
         crops = self.augment(global_crops.to(self.device, non_blocking=nb),
                              local_crops.to(self.device, non_blocking=nb), generator=gen,
                              sample_ids=sample_ids, seed=cfg.train.seed, epoch=epoch)
-        with _autocast(self.device, self.precision):
-            teacher_out = self.teacher(crops[: cfg.data.global_crops_number])
-            if cfg.loss.koleo_weight > 0:
-                student_out, student_features = self.student_ddp(crops, return_features=True)
-            else:
-                student_out = self.student_ddp(crops)
-        if cfg.train.check_finite:  # one min/max read of each output, no sync yet
-            from dino_fast.loss import all_finite
-
-            bad = ~all_finite(student_out, teacher_out)
+        out = self.method.forward_step(crops, epoch, it)
+        loss = out.total()
+        outputs = [t for t, _ in out.outputs.values()]
+        if cfg.train.check_finite and outputs:  # one min/max read of each output, no sync yet
+            bad = ~all_finite(*outputs)
         else:
-            bad = torch.zeros((), dtype=torch.bool, device=student_out.device)
-        loss = self.dino_loss(student_out, teacher_out, epoch)
-        if cfg.loss.koleo_weight > 0:  # DINOv2: one KoLeo term per global crop, on the backbone CLS features
-            from dino_fast.loss import koleo_loss
-
-            n_global = cfg.data.global_crops_number * crops[0].shape[0]
-            koleo = sum(koleo_loss(f) for f in student_features[:n_global].chunk(cfg.data.global_crops_number))
-            loss = loss + cfg.loss.koleo_weight * koleo
-        # one small all-reduce: [loss, ranks with non-finite outputs, ranks asked to stop]
-        stats = torch.stack([loss.detach().float(), bad.float(),
-                             torch.tensor(float(self._stop_signal is not None), device=bad.device)])
+            bad = torch.zeros((), dtype=torch.bool, device=loss.device)
+        # one small all-reduce: [loss, each term, ranks with non-finite outputs, ranks asked to stop]
+        names = list(out.terms)
+        stats = torch.stack([loss.detach().float()] + [out.terms[n].value.detach().float() for n in names]
+                            + [bad.float(), torch.tensor(float(self._stop_signal is not None), device=bad.device)])
         if is_dist():
             stats = stats.to(self._collective_device())
             torch_dist.all_reduce(stats)
-            stats[0] /= self.dist.world_size
-        loss_value, n_bad, n_stop = stats.tolist()
+            stats[: 1 + len(names)] /= self.dist.world_size
+        values = stats.tolist()
+        loss_value, n_bad, n_stop = values[0], values[-2], values[-1]
+        self.last_terms = dict(zip(names, values[1:1 + len(names)]))
         self._stop_all = n_stop > 0
         if n_bad > 0 or not math.isfinite(loss_value):
-            detail = self._non_finite_detail(student_out, teacher_out)
+            detail = self._non_finite_detail(out)
             raise NonFiniteLossError(
                 f"loss is {loss_value} at iteration {it} (epoch {epoch}){detail}; stopping. The last good "
                 f"checkpoint in {self.out_dir} is kept"
@@ -471,14 +409,12 @@ class Trainer:
         self.scaler.scale(loss).backward()
         if cfg.optim.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
-            clip_gradients(self.student.parameters(), cfg.optim.clip_grad, cfg.optim.clip_mode)
-        cancel_gradients_last_layer(epoch, self.student, cfg.optim.freeze_last_layer)
+            clip_gradients(self.method.student.parameters(), cfg.optim.clip_grad, cfg.optim.clip_mode)
+        cancel_gradients_last_layer(epoch, self.method.student, cfg.optim.freeze_last_layer)
         fault_point("mid_iteration", it)
         self.scaler.step(self.optimizer)  # skipped (and the scale lowered) when a gradient is inf/NaN
         self.scaler.update()
         fault_point("before_ema", it)
-        from dino_fast.ema import NonFiniteEMAError
-
         try:
             self.ema.update(float(self.momentum_schedule[it]))
         except NonFiniteEMAError as e:  # identical weights on every rank: every rank raises
@@ -486,16 +422,14 @@ class Trainer:
                 f"non-finite student weights after the optimizer step at iteration {it} (epoch {epoch}): {e}; "
                 f"stopping. The last good checkpoint in {self.out_dir} is kept"
             ) from e
+        self.method.after_step(it)
         return loss_value
 
-    def _non_finite_detail(self, student_out: torch.Tensor, teacher_out: torch.Tensor) -> str:
+    def _non_finite_detail(self, out: StepOutput) -> str:
         """Where the first NaN/inf of this rank's outputs is (crop and row), or which rank has it."""
-        from dino_fast.loss import NonFiniteError, _check_finite
-
-        rows = max(student_out.shape[0] // max(self.dino_loss.ncrops, 1), 1)
         try:
-            _check_finite(student_out.detach(), "student_output", rows)
-            _check_finite(teacher_out.detach(), "teacher_output", rows)
+            for name, (tensor, rows_per_crop) in out.outputs.items():
+                check_finite(tensor.detach(), name, max(rows_per_crop, 1))
         except NonFiniteError as e:
             where = f" on rank {self.dist.rank}" if self.dist.distributed else ""
             return f": {e}{where}"
@@ -506,8 +440,6 @@ class Trainer:
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
         """Train until ``train.epochs`` (or ``train.max_iters``) and return a summary."""
-        from tqdm import tqdm
-
         cfg = self.cfg
         self.maybe_resume()
         self._open_tensorboard()
@@ -544,13 +476,15 @@ class Trainer:
                     now = time.perf_counter()
                     dt, t_last = now - t_last, now
                     bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_schedule[it]:.2e}",
-                                    img_s=f"{images / max(dt, 1e-9):.1f}")
+                    terms = self.last_terms if len(self.last_terms) > 1 else {}
+                    bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in terms.items()},
+                                    lr=f"{self.lr_schedule[it]:.2e}", img_s=f"{images / max(dt, 1e-9):.1f}")
                     if it % max(cfg.train.log_every, 1) == 0 or self.iteration == total:
                         self._log_metrics({"iteration": it, "epoch": epoch, "loss": loss,
+                                           **{f"loss/{k}": v for k, v in self.last_terms.items()},
                                            "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]),
                                            "momentum": float(self.momentum_schedule[it]),
-                                           "teacher_temp": float(self.dino_loss.teacher_temp_schedule[epoch]),
+                                           **self.method.scalars(epoch, it),
                                            "images_per_s": images / max(dt, 1e-9)})
                     next_epoch, next_batch = (epoch, i + 1) if i + 1 < self.niter_per_epoch else (epoch + 1, 0)
                     if self._stop_all:  # agreed by every rank in train_step's all-reduce
@@ -591,7 +525,7 @@ class Trainer:
     def export_teacher_backbone(self) -> Path:
         """Write the teacher backbone alone (official DINO key layout) to teacher_backbone.pth."""
         path = self.out_dir / "teacher_backbone.pth"
-        ckpt_mod.atomic_save(self.teacher.backbone.state_dict(), path)
+        ckpt_mod.atomic_save(self.method.teacher.backbone.state_dict(), path)
         return path
 
 
@@ -606,8 +540,6 @@ def _setup_logging(is_main: bool) -> None:
 
 def run_knn_report(trainer: Trainer) -> dict[str, Any]:
     """k-NN top-1/top-5 of the trained teacher and of a random-init twin on the val split."""
-    from dino_fast.eval.knn import knn_eval_backbone, run_eval_roots
-
     cfg = trainer.cfg
     roots = run_eval_roots(cfg)  # no barrier here: only rank 0 evaluates
     if roots is None:
@@ -619,7 +551,7 @@ def run_knn_report(trainer: Trainer) -> dict[str, Any]:
         return {}
     report: dict[str, Any] = {}
     report["teacher"] = knn_eval_backbone(
-        trainer.teacher.backbone, train_root, val_root, ks=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+        trainer.method.teacher.backbone, train_root, val_root, ks=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
         image_size=cfg.eval.image_size, resize_size=cfg.eval.resize_size, batch_size=cfg.eval.batch_size,
         device=trainer.device,
     )

@@ -126,7 +126,7 @@ def _compile_in_child(
     request = {"module": module, "name": name, "signature": dict(signature), "constexprs": dict(constexprs),
                "arch": arch, "num_warps": num_warps, "num_stages": num_stages}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "dino_fast.kernels.compile_check"], input=json.dumps(request),
+    proc = subprocess.run([sys.executable, "-m", "dino_fast.ops.compile_check"], input=json.dumps(request),
                           capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
         raise RuntimeError(f"compiling {module}.{name} for sm_{arch} failed in a child process:\n"

@@ -6,7 +6,7 @@ Design
 every student parameter a view into a second buffer with the same element order. The EMA is
 then one elementwise operation over ``n`` elements whatever the number of parameter tensors:
 
-- CUDA (``backend="triton"``): one launch of ``dino_fast.kernels.ema`` (12 bytes per parameter:
+- CUDA (``backend="triton"``): one launch of ``dino_fast.ops.ema.kernels`` (12 bytes per parameter:
   read teacher, read student, write teacher);
 - CPU (``backend="torch"``): one ``lerp_`` over the flat buffer (same 12 bytes per parameter);
 - ``backend="reference"``: the official per-parameter loop (tests and benchmarks).
@@ -50,7 +50,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from dino_fast._backend import check_backend, resolve_backend
+from dino_fast.ops.backend import check_backend, resolve_backend
 
 __all__ = ["TeacherEMA", "ema_update_", "NonFiniteEMAError"]
 
@@ -64,7 +64,7 @@ class NonFiniteEMAError(ValueError):
 # --------------------------------------------------------------------------------------------
 
 def _all_finite(t: torch.Tensor) -> torch.Tensor:
-    from dino_fast.loss import all_finite
+    from dino_fast.utils.finite import all_finite
 
     return all_finite(t)
 
@@ -175,7 +175,7 @@ def _packed_flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor | None:
 
 def _flat_update_(t_flat: torch.Tensor, s_flat: torch.Tensor, m: float, backend: str) -> None:
     if backend == "triton":
-        from dino_fast.kernels.ema import ema_flat_
+        from dino_fast.ops.ema.kernels import ema_flat_
 
         ema_flat_(t_flat, s_flat, m)
     else:
@@ -330,7 +330,7 @@ class TeacherEMA:
         include_buffers: also average floating-point buffers (e.g. BatchNorm running stats);
             the official DINO averages parameters only (the default).
         check_finite: before every update, check the student's flat buffer with one
-            min/max reduction (:func:`dino_fast.loss.all_finite`: one read of the student, one
+            min/max reduction (:func:`dino_fast.utils.finite.all_finite`: one read of the student, one
             host sync) and raise
             :class:`NonFiniteEMAError` naming the first offending tensor and element instead of
             averaging NaN/inf into the teacher. Off by default (the drop-in behaviour).

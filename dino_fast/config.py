@@ -16,6 +16,8 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from dino_fast.models.registry import backbone_names
+
 
 class ConfigError(ValueError):
     """A configuration file or override that does not match the schema."""
@@ -130,9 +132,18 @@ class EvalConfig:
 
 
 @dataclass
+class MethodConfig:
+    """Which self-supervised method trains (a name of the method registry,
+    :mod:`dino_fast.methods`; checked when the method is built)."""
+
+    name: str = "dino"
+
+
+@dataclass
 class TrainConfig:
     """The whole configuration of a ``dino-fast train`` run."""
 
+    method: MethodConfig = field(default_factory=MethodConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -146,7 +157,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check value ranges and choices; raises :class:`ConfigError` naming the key."""
-        _choice("model.arch", self.model.arch, ("vit_tiny", "vit_small", "vit_base"))
+        if not isinstance(self.method.name, str) or not self.method.name:
+            raise ConfigError(f"method.name must be a non-empty string, got {self.method.name!r}")
+        _choice("model.arch", self.model.arch, backbone_names())
         _choice("model.attn_backend", self.model.attn_backend, ("auto", "xformers", "sdpa", "math"))
         _choice("data.backend", self.data.backend, ("auto", "ffcv", "folder"))
         _choice("loss.backend", self.loss.backend, ("auto", "triton", "torch", "cpu", "reference"))

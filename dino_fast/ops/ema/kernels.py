@@ -11,7 +11,7 @@ and so does this kernel, so the two agree bit for bit up to FMA contraction). ``
 the teacher bit-identical; ``m = 0`` copies the student.
 
 Layout: every teacher parameter is a view into one contiguous fp32 buffer, and every student
-parameter a view into another buffer with the same element order (see ``dino_fast.ema``), so
+parameter a view into another buffer with the same element order (see ``dino_fast.ops.ema.teacher``), so
 the update is one elementwise pass over ``n`` elements, whatever the number of parameter
 tensors (about 170 for a ViT-S/16 with its DINO head).
 

@@ -1,6 +1,6 @@
 """Fused DINO loss: Triton kernels (forward statistics pass and gradient pass) and launchers.
 
-Math (DESIGN.md section 2). S (ncrops*B, K) student logits, T (NT*B, K) teacher logits, c (K,)
+Math (docs/DESIGN.md, "The DINO loss"). S (ncrops*B, K) student logits, T (NT*B, K) teacher logits, c (K,)
 center, NT = n_teacher:
 
     q_i   = softmax((T_i - c) / tau_t)          lse_v = logsumexp(S_v / tau_s)

@@ -1,0 +1,12 @@
+"""Losses, one per file, thin modules over :mod:`dino_fast.ops`.
+
+- ``dino``: :class:`DINOLoss`, the official DINO loss (drop-in), fused;
+- ``centering``: the EMA teacher center every centering loss shares (:class:`CenterEMA`,
+  :func:`update_center`);
+- ``koleo``: the KoLeo regulariser of DINOv2.
+"""
+from dino_fast.losses.centering import CenterEMA, update_center
+from dino_fast.losses.dino import DINOLoss
+from dino_fast.losses.koleo import koleo_loss
+
+__all__ = ["CenterEMA", "DINOLoss", "koleo_loss", "update_center"]

@@ -1,0 +1,174 @@
+"""What a self-supervised method is to the trainer: :class:`Method`, :class:`LossTerm`, :class:`StepOutput`.
+
+A method owns its student and teacher networks, its losses and its own state (loss centers,
+queues, memories: registered buffers, so they are checkpointed with the method), and computes
+one step's named, weighted loss terms from a batch of augmented crops. The trainer
+(:mod:`dino_fast.train`) knows none of this: it wraps ``method.student`` for data parallelism,
+optimises ``method.student``'s parameters, updates ``method.teacher`` from it by EMA, and logs
+every term. See docs/DESIGN.md, "Adding a method".
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, ContextManager, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from dino_fast.config import TrainConfig
+from dino_fast.models.registry import create_backbone
+
+__all__ = ["LossTerm", "StepOutput", "Method", "build_backbone"]
+
+
+@dataclass
+class LossTerm:
+    """One named term of a method's loss.
+
+    Attributes:
+        value: 0-dim float tensor (differentiable w.r.t. the student), unweighted.
+        weight: its weight in the total; the trainer minimises ``sum(weight * value)``.
+    """
+
+    value: Tensor
+    weight: float = 1.0
+
+
+@dataclass
+class StepOutput:
+    """What :meth:`Method.forward_step` returns.
+
+    Attributes:
+        terms: name -> :class:`LossTerm` (insertion order is the logging order).
+        outputs: name -> ``(tensor, rows_per_crop)``: the network outputs the trainer checks for
+            NaN/inf when ``train.check_finite`` is on (the message names crop and row).
+    """
+
+    terms: dict[str, LossTerm]
+    outputs: dict[str, tuple[Tensor, int]] = field(default_factory=dict)
+
+    def total(self) -> Tensor:
+        """``sum(weight * value)`` over the terms (a weight of exactly 1 multiplies nothing)."""
+        total: Optional[Tensor] = None
+        for term in self.terms.values():
+            v = term.value if term.weight == 1.0 else term.weight * term.value
+            total = v if total is None else total + v
+        if total is None:
+            raise ValueError("a method step returned no loss terms")
+        return total
+
+
+class Method(nn.Module):
+    """Base class of the self-supervised methods (registered in :mod:`dino_fast.methods`).
+
+    Subclasses set :attr:`name`, build ``self.student`` and ``self.teacher`` (``nn.Module`` s;
+    the teacher starts as a copy of the student's EMA-covered part and never gets gradients)
+    and their losses in ``__init__(cfg)``, and implement :meth:`forward_step`.
+
+    Contract with the trainer:
+
+    - ``student`` holds every trainable parameter; the trainer may wrap it (DDP) and calls
+      :meth:`set_student_forward` with the wrapper: call :attr:`student_forward`, not
+      ``student``, in :meth:`forward_step`, so that gradients are all-reduced.
+    - :meth:`ema_modules` names what the teacher EMA covers: ``(teacher_part, student_part)``,
+      two modules with the same parameter names, shapes and order.
+    - the method's own state (centers, queues) are buffers of the method (or of its loss
+      submodules) so :meth:`method_state_dict` saves them; ``student.*`` and ``teacher.*`` are
+      saved by the trainer under the checkpoint's ``student`` / ``teacher`` keys (official layout).
+    - run the networks inside ``with self.autocast():`` (the trainer's mixed-precision context,
+      set by :meth:`set_autocast`) and the losses outside it: the fused loss ops take the
+      networks' fp32/bf16 outputs as they come and accumulate in fp32 themselves.
+    - :meth:`after_step` runs after the optimiser step and the EMA (queue updates etc.).
+    - :meth:`legacy_method_state` maps a checkpoint written before methods existed (optional).
+    """
+
+    name: ClassVar[str] = ""
+    student: nn.Module
+    teacher: nn.Module
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self._student_forward: Optional[nn.Module] = None
+        self._autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+
+    # ---------------------------------------------------------------- trainer hooks
+    @property
+    def student_forward(self) -> nn.Module:
+        """The module to call for the student's forward (the DDP wrapper when there is one)."""
+        return self._student_forward if self._student_forward is not None else self.student
+
+    def set_student_forward(self, module: nn.Module) -> None:
+        """Use ``module`` (a wrapper of ``self.student``, e.g. DDP) for the student's forward."""
+        self._student_forward = module
+
+    def set_autocast(self, factory: Callable[[], ContextManager[Any]]) -> None:
+        """Use ``factory()`` as the mixed-precision context of the networks' forward passes."""
+        self._autocast = factory
+
+    def autocast(self) -> ContextManager[Any]:
+        """A fresh mixed-precision context for the networks (a no-op unless the trainer set one)."""
+        return self._autocast()
+
+    def ema_modules(self) -> tuple[nn.Module, nn.Module]:
+        """``(teacher side, student side)`` of the teacher EMA; default ``(teacher, student)``."""
+        return self.teacher, self.student
+
+    def forward_step(self, crops: Sequence[Tensor], epoch: int, it: int) -> StepOutput:  # pragma: no cover
+        """One step's loss terms from the augmented crops.
+
+        Args:
+            crops: float ``[B, 3, H, W]`` tensors, the global crops first (as
+                :class:`dino_fast.data.MultiCropAugment` returns them), on the training device,
+                inside the trainer's autocast context.
+            epoch, it: 0-based epoch and global iteration (for schedules).
+        """
+        raise NotImplementedError
+
+    def scalars(self, epoch: int, it: int) -> dict[str, float]:
+        """Method-specific values to log with the step (schedules, temperatures); default none."""
+        return {}
+
+    def after_step(self, it: int) -> None:
+        """Called after the optimiser step and the teacher EMA of iteration ``it``; default none."""
+
+    def method_state_dict(self) -> dict[str, Any]:
+        """The method's own state (everything but ``student.*`` / ``teacher.*``)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("student.", "teacher."))}
+
+    def load_method_state_dict(self, state: dict[str, Any]) -> None:
+        """Load what :meth:`method_state_dict` returned (strict: missing or extra keys raise)."""
+        own = self.method_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise KeyError(f"method {self.name!r} state: missing keys {missing}, unexpected keys {unexpected}")
+        with torch.no_grad():
+            for k, v in state.items():
+                own[k].copy_(v)
+
+    @classmethod
+    def legacy_method_state(cls, checkpoint: dict[str, Any]) -> Optional[dict[str, Any]]:
+        """The method state held by a checkpoint without a ``method`` entry (an older format),
+        or None when there is none to recover."""
+        return None
+
+    def extra_repr(self) -> str:  # noqa: D102
+        return f"name={self.name!r}"
+
+
+def build_backbone(cfg: TrainConfig, *, teacher: bool, **extra: Any) -> nn.Module:
+    """The ``cfg.model.arch`` backbone of the student (with drop path) or of the teacher (without).
+
+    ``extra`` keywords go to the backbone constructor (e.g. ``mask_token=True``).
+    """
+    kwargs: dict[str, Any] = dict(
+        patch_size=cfg.model.patch_size,
+        img_size=cfg.data.global_crops_size,
+        drop_path_rate=0.0 if teacher else cfg.model.drop_path_rate,
+        attn_backend=cfg.model.attn_backend,
+    )
+    if cfg.model.depth is not None:
+        kwargs["depth"] = cfg.model.depth
+    kwargs.update(extra)
+    return create_backbone(cfg.model.arch, **kwargs)

@@ -1,0 +1,99 @@
+"""Input validation of the centered soft-target cross-entropy ops (shapes, dtypes, temperatures).
+
+Every check raises TypeError/ValueError naming the argument, what was expected and what came.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = ["TensorOrCrops", "FLOAT_DTYPES", "as_2d", "check_temp", "check_int", "check_inputs", "math_dtype"]
+
+TensorOrCrops = Union[Tensor, Sequence[Tensor]]
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def as_2d(x: TensorOrCrops, name: str) -> Tensor:
+    """A (rows, K) tensor from a tensor or a list/tuple of per-crop (B, K) tensors (concatenated)."""
+    if isinstance(x, Tensor):
+        return x
+    if isinstance(x, (list, tuple)):
+        if len(x) == 0:
+            raise ValueError(f"{name}: expected a tensor or a non-empty list of per-crop tensors, got an empty {type(x).__name__}")
+        for i, t in enumerate(x):
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{name}[{i}]: expected a torch.Tensor, got {type(t).__name__}")
+            if t.dim() != 2:
+                raise ValueError(f"{name}[{i}]: expected a 2-D (B, K) crop, got shape {tuple(t.shape)}")
+        shapes = {tuple(t.shape) for t in x}
+        if len(shapes) != 1:
+            raise ValueError(f"{name}: every crop must have the same (B, K) shape, got {sorted(shapes)}")
+        return torch.cat(list(x), dim=0)
+    raise TypeError(f"{name}: expected a torch.Tensor or a list of per-crop tensors, got {type(x).__name__}")
+
+
+def check_temp(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (value > 0.0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a positive finite float, got {value!r}")
+    return value
+
+
+def check_int(name: str, value: int, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_inputs(
+    student: Tensor, teacher: Tensor, center: Tensor, ncrops: int, n_teacher: int,
+    student_temp: float, teacher_temp: float,
+) -> tuple[int, int, float, float]:
+    """Validate the loss inputs; return (B, K, tau_s, tau_t). Raises TypeError / ValueError."""
+    ncrops = check_int("ncrops", ncrops, 2)
+    n_teacher = check_int("n_teacher", n_teacher, 1)
+    if n_teacher > ncrops:
+        raise ValueError(f"n_teacher must be <= ncrops (the teacher crops are the first student crops), "
+                         f"got n_teacher={n_teacher}, ncrops={ncrops}")
+    tau_s = check_temp("student_temp", student_temp)
+    tau_t = check_temp("teacher_temp", teacher_temp)
+    for name, t in (("student", student), ("teacher", teacher), ("center", center)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a float32/bfloat16/float16/float64 tensor, got dtype {t.dtype}")
+    if student.dim() != 2:
+        raise ValueError(f"student: expected a 2-D (ncrops*B, K) tensor, got shape {tuple(student.shape)}")
+    if teacher.dim() != 2:
+        raise ValueError(f"teacher: expected a 2-D (n_teacher*B, K) tensor, got shape {tuple(teacher.shape)}")
+    rows, K = student.shape
+    if K == 0 or rows == 0:
+        raise ValueError(f"student: expected a non-empty (ncrops*B, K) tensor, got shape {tuple(student.shape)}")
+    if rows % ncrops != 0:
+        raise ValueError(f"student: rows ({rows}) must be divisible by ncrops ({ncrops}), got shape {tuple(student.shape)}")
+    B = rows // ncrops
+    if teacher.shape[0] != n_teacher * B:
+        raise ValueError(f"teacher: expected n_teacher*B = {n_teacher}*{B} = {n_teacher * B} rows "
+                         f"(B = {rows}/{ncrops} from student), got shape {tuple(teacher.shape)}")
+    if teacher.shape[1] != K:
+        raise ValueError(f"teacher: expected K = {K} columns (as student), got shape {tuple(teacher.shape)}")
+    if center.numel() != K or center.dim() not in (1, 2) or (center.dim() == 2 and center.shape[0] != 1):
+        raise ValueError(f"center: expected shape (1, {K}) or ({K},), got {tuple(center.shape)}")
+    if not (student.device == teacher.device == center.device):
+        raise ValueError(f"student, teacher and center must be on one device, got {student.device}, "
+                         f"{teacher.device}, {center.device}")
+    return B, K, tau_s, tau_t
+
+
+
+def math_dtype(*ts: Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+

@@ -1,0 +1,169 @@
+"""The eager CPU fast path of the centered soft-target cross-entropy (``backend="torch"``).
+
+Works on chunks of ~2 MiB (a few images, all K columns, buffers recycled through a
+:class:`Workspace`): per chunk it soft-maxes the teacher rows of its images once, then for every
+crop computes y = S_v/tau_s, its row max, <Q_v, y>, the softmax (one fused aten kernel, one exp
+per element) written straight into the gradient's rows, lse = max - log(max softmax), and the
+gradient ``|Q_v| scale p - scale Q_v`` in place. The gradient is thus produced in the forward
+(one exp per element in all, where recomputing the softmax in the backward would cost a second
+one); the backward returns it. No (rows, K) temporary exists other than the gradient.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from dino_fast.ops.soft_ce.checks import math_dtype
+
+__all__ = ["Workspace", "CPU_GROUP_BYTES", "soft_ce_forward_torch"]
+
+CPU_GROUP_BYTES = 2 << 20
+# Raise fp32 logits far below their row max before the softmax (see _torch_forward).
+_SUBNORMAL_FLOOR = True
+
+
+def _storage_use_count(st: torch.UntypedStorage) -> int:
+    """References to a storage (tensors and storage objects); 2**31 when torch cannot say."""
+    fn = getattr(torch._C, "_storage_Use_Count", None)
+    return int(fn(st._cdata)) if fn is not None else 2**31
+
+
+class Workspace:
+    """Buffers of the eager fast path recycled between calls (CPU only; CUDA has its own cache).
+
+    A fresh (ncrops*B, K) gradient costs page faults on its first write (about 25 ms for 84 MB
+    on the benchmark machine, as much as the loss's arithmetic). A workspace keeps the storage
+    of the last gradient it handed out and hands it out again only when no tensor refers to it
+    any more (storage use count 1: just the workspace), so a gradient still held by the caller
+    (e.g. a leaf's ``.grad``) is never overwritten. :class:`DINOLoss` owns one.
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self._storages: dict[str, torch.UntypedStorage] = {}
+
+    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A contiguous tensor of ``shape``/``dtype`` on ``device`` (uninitialised)."""
+        if not self.enabled or device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=device)
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        st = self._storages.get(name)
+        if st is not None and st.nbytes() == nbytes and _storage_use_count(st) == 1:
+            return torch.empty((0,), dtype=dtype, device=device).set_(st, 0, tuple(shape))
+        t = torch.empty(shape, dtype=dtype, device=device)
+        self._storages[name] = t.untyped_storage()
+        return t
+
+    def clear(self) -> None:
+        """Drop every cached buffer."""
+        self._storages.clear()
+
+
+
+def _group_images(B: int, K: int) -> int:
+    """Images per chunk of the eager fast path: one (images, K) fp32 buffer of ~CPU_GROUP_BYTES."""
+    return max(1, min(B, CPU_GROUP_BYTES // (4 * K)))
+
+
+def soft_ce_forward_torch(
+    S: Tensor, T: Tensor, c: Tensor, ncrops: int, n_teacher: int, tau_s: float, tau_t: float,
+    out: Optional[Tensor] = None, workspace: Optional["Workspace"] = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Eager fast-path forward with the gradient computed in the same pass.
+
+    Args: S (ncrops*B, K) and T (n_teacher*B, K) with unit column stride, c (K,), ``out`` an
+    optional (ncrops*B, K) tensor of S's dtype to receive the gradient (may be S itself),
+    ``workspace`` an optional :class:`Workspace` that recycles the gradient and chunk buffers
+    between calls (see there).
+
+    Returns: loss (0-dim), colsum of T (K,), lse of S/tau_s per row (ncrops*B,), all fp32 (fp64
+    for fp64 inputs), and G = dLoss/dS for an upstream gradient of 1, in S's dtype.
+
+    Per chunk of images (a ~1 MiB buffer), per crop: y = S_v/tau_s; m = max(y); p = softmax(y)
+    (one fused aten kernel, one exp per element) written straight into the gradient rows;
+    lse = m - log(max(p)); <Q_v, y>; then G_v = |Q_v| * scale * p - scale * Q_v in one pass.
+    The teacher rows of the chunk's images are soft-maxed once and reused by all crops.
+    """
+    rows_s, K = S.shape
+    B = rows_s // ncrops
+    NT = n_teacher
+    dt = math_dtype(S, T)
+    dev = S.device
+    ws = workspace if workspace is not None else Workspace(enabled=False)
+    G = ws.get("grad", S.shape, S.dtype, dev) if out is None else out
+    r = _group_images(B, K)
+    n_terms = NT * ncrops - NT
+    scale = 1.0 / (tau_s * B * n_terms)
+    inv_s, inv_t = 1.0 / tau_s, 1.0 / tau_t
+    S3 = S.unflatten(0, (ncrops, B))
+    T3 = T.unflatten(0, (NT, B))
+    G3 = G.unflatten(0, (ncrops, B))
+    colsum = T.sum(0, dtype=dt)
+    cf = c.reshape(-1).to(dt)
+    tflat = ws.get("t", (NT * r * K,), dt, dev)
+    yflat = ws.get("y", (r * K,), dt, dev)
+    Qflat = ws.get("Q", (r * K,), dt, dev) if ncrops > NT else None
+    pflat = ws.get("p", (r * K,), dt, dev) if G.dtype != dt else None
+    oflat = ws.get("o", (r * K,), dt, dev) if NT > 2 else None
+    lse = torch.zeros((ncrops, B), dtype=dt, device=dev)
+    dots = torch.zeros((ncrops, B), dtype=dt, device=dev)
+    same_s = S.dtype == dt
+    # fp32: logits more than `floor` below their row max are raised to max - floor before the
+    # softmax, so that no probability (nor probability times `scale`) is subnormal: subnormal
+    # arithmetic is 2-4x slower on x86 and such probabilities are below 1e-25 of the row's mass
+    # (the effect on the loss and on the gradient's norm is < 1e-20 relative). fp64 needs none.
+    floor: Optional[float] = None
+    if dt == torch.float32 and _SUBNORMAL_FLOOR:
+        floor = max(30.0, 87.0 - math.log(K) - max(0.0, math.log(1.0 / scale)) - 3.0)
+    for b0 in range(0, B, r):
+        b1 = min(B, b0 + r)
+        w = b1 - b0
+        q = tflat[: NT * w * K].view(NT, w, K)
+        torch.sub(T3[:, b0:b1], cf, out=q)
+        q.mul_(inv_t)
+        if floor is not None:
+            torch.maximum(q, q.amax(-1, keepdim=True).sub_(floor), out=q)
+        torch.ops.aten._softmax.out(q, -1, False, out=q)
+        q.mul_(-scale)                                        # q <- -scale * q_i
+        Qn = None
+        if Qflat is not None:
+            Qn = Qflat[: w * K].view(w, K)
+            torch.sum(q, 0, out=Qn)                           # -scale * sum_i q_i
+        y = yflat[: w * K].view(w, K)
+        for v in range(ncrops):
+            g_rows = G3[v, b0:b1]
+            if v < NT:
+                others = [i for i in range(NT) if i != v]
+                if not others:                                # n_teacher = 1: crop 0 has no term
+                    g_rows.zero_()
+                    continue
+                if len(others) == 1:
+                    Qv = q[others[0]]
+                else:                                         # summed exactly, no "all - q_v"
+                    Qv = oflat[: w * K].view(w, K)
+                    torch.sum(q[others], 0, out=Qv)
+                nq = NT - 1
+            else:
+                Qv, nq = Qn, NT
+            if same_s:
+                torch.mul(S3[v, b0:b1], inv_s, out=y)
+            else:
+                y.copy_(S3[v, b0:b1]).mul_(inv_s)
+            m = lse[v, b0:b1]
+            torch.amax(y, 1, out=m)
+            torch.linalg.vecdot(y, Qv, out=dots[v, b0:b1])   # -scale * <Q_v, y>, before the floor
+            if floor is not None:
+                torch.maximum(y, (m - floor).unsqueeze(1), out=y)
+            p = g_rows if pflat is None else pflat[: w * K].view(w, K)
+            torch.ops.aten._softmax.out(y, -1, False, out=p)
+            m.sub_(p.amax(1).log_())                          # lse = max - log(max softmax)
+            torch.add(Qv, p, alpha=nq * scale, out=g_rows)
+    v = torch.arange(ncrops, device=dev)
+    nq_v = (NT - (v < NT).to(torch.int64)).to(dt)
+    loss = ((nq_v.unsqueeze(1) * lse).sum() + dots.sum() / scale) / (B * n_terms)
+    return loss, colsum, lse.reshape(-1), G
+
+
