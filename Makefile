@@ -80,3 +80,7 @@ bench: venv
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) $(LATEST_VENV) build *.egg-info
+
+# Lint (ruff, pinned in constraints/ci.txt); .ci/run runs it before the tests.
+lint: venv
+	$(BIN)/ruff check dino_fast bench tests

@@ -109,7 +109,8 @@ def run_one(name: str, overrides: Sequence[str], *, eval_dir: str, std_dir: str,
     import torch
 
     from dino_fast.config import load_config
-    from dino_fast.train.loop import Trainer, build_backbone
+    from dino_fast.methods import build_backbone
+    from dino_fast.train.loop import Trainer
 
     over = list(overrides)
     data = [o for o in over if o.startswith("@data=")]

@@ -134,8 +134,8 @@ def bytes_rows(quick: bool) -> list[dict[str, Any]]:
         floor = (S.numel() + T.numel() + S.numel()) * esize
 
         def ref_fn() -> None:
-            s = S.detach().requires_grad_()
-            dino_loss_reference(s, T, c, ncrops=ncrops, student_temp=TAU_S, teacher_temp=TAU_T).backward()
+            s = S.detach().requires_grad_()  # noqa: F821 (deleted after use)
+            dino_loss_reference(s, T, c, ncrops=ncrops, student_temp=TAU_S, teacher_temp=TAU_T).backward()  # noqa: F821
 
         ref_bytes = common.count_aten_bytes(ref_fn)["bytes"]
         del S, T
@@ -195,7 +195,7 @@ def sweep_rows(quick: bool) -> list[dict[str, Any]]:
             s = S.detach().requires_grad_()
 
             def fn(crit=crit, s=s) -> None:
-                crit(s, T, 0).backward()
+                crit(s, T, 0).backward()  # noqa: F821 (deleted after use)
 
             mem[name] = common.peak_cpu_memory(fn) - grad_bytes
         rows.append(dict(axis=axis, B=B, K=k, crops="2+8", dtype="float32", ref_ms=1e3 * t_ref,

@@ -78,8 +78,8 @@ def cpu_times(batch: int, repeats: int) -> dict[str, Any]:
     """CPU medians: output check vs loss fwd+bwd; weight check vs TeacherEMA.update; both checks
     also as the obvious isfinite().all()."""
     from bench.ema import _pair
-    from dino_fast.ops.ema.teacher import TeacherEMA
     from dino_fast.losses.dino import DINOLoss
+    from dino_fast.ops.ema.teacher import TeacherEMA
     from dino_fast.utils.finite import all_finite
 
     S = torch.randn(NCROPS * batch, K, requires_grad=True)

@@ -23,7 +23,7 @@ ema         official per-parameter ``mul_().add_()`` loop   ``TeacherEMA.update`
 
 Both sides hold the same weights (one state dict), see the same crops and reseed the global
 generator identically before each step (drop path 0.1 on the student), so they compute the same
-math: the first step's losses agree to float rounding (checked by tests/test_bench_step.py).
+math: the first step's losses agree to float rounding (checked by tests/benchmarks/test_step.py).
 The step runs at epoch 1 (after the official one-epoch freeze of the head's last layer, so the
 optimizer and EMA cover every parameter, as in the steady state of a run).
 
@@ -193,8 +193,8 @@ class StepSide:
 
             self.clip: Callable[[], Any] = lambda: clip_gradients_reference(self.student.parameters(), setup.clip)
         else:
-            from dino_fast.ops.ema.teacher import TeacherEMA
             from dino_fast.losses.dino import DINOLoss
+            from dino_fast.ops.ema.teacher import TeacherEMA
             from dino_fast.train.optim import clip_gradients
 
             self.loss = DINOLoss(setup.out_dim, setup.ncrops, 0.04, 0.07, 30, 100,

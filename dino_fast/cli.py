@@ -11,8 +11,9 @@ from typing import Optional, Sequence
 
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "train": ("dino_fast.train.loop", "main", "pretrain with DINO: --config configs/X.yaml key=value ..."),
+    "train": ("dino_fast.train.loop", "main", "pretrain (method.name: dino): --config configs/X.yaml key=value ..."),
     "knn": ("dino_fast.eval.knn", "main", "weighted k-NN evaluation of a checkpoint"),
+    "linear": ("dino_fast.eval.linear", "main", "linear-probe evaluation of a checkpoint (frozen backbone)"),
     "attention": ("dino_fast.viz.attention", "main", "PNG of the last block's CLS attention per head"),
     "make-dataset": ("dino_fast.data.builtin", "main", "generate the built-in labelled image dataset"),
     "write-beton": ("dino_fast.data.ffcv_writer", "main", "write an image folder to an FFCV .beton file"),
@@ -46,6 +47,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         import os
 
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if not os.path.isfile(os.path.join(root, "bench", "__main__.py")):
+            print("dino-fast bench runs the benchmarks of a source checkout (bench/ beside dino_fast/), and "
+                  f"{root} has none: clone the repository and install it with `pip install -e .`", file=sys.stderr)
+            return 2
         if root not in sys.path:
             sys.path.insert(0, root)
     fn = getattr(importlib.import_module(module), func)

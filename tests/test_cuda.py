@@ -7,7 +7,7 @@ Run on a CUDA machine with the kernels compiled::
     TRITON_INTERPRET=0 python -m pytest -m cuda tests
 
 Everywhere else every test here is skipped with its reason (CI has no GPU): the same checks run
-under ``TRITON_INTERPRET=1`` on CPU tensors in tests/test_kernel_*.py.
+under ``TRITON_INTERPRET=1`` on CPU tensors in tests/ops/test_*_kernels.py.
 """
 from __future__ import annotations
 
@@ -144,8 +144,8 @@ def test_ema_kernel_on_gpu_matches_float64(n, m):
 
 
 def test_teacher_ema_on_gpu_matches_the_official_loop():
-    from dino_fast.ops.ema.teacher import TeacherEMA
     from dino_fast.models import DINOHead, MultiCropWrapper, vit_small
+    from dino_fast.ops.ema.teacher import TeacherEMA
     from dino_fast.reference.ema import reference_ema_update_
 
     def model():

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
 from dino_fast.utils.image_stats import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["MultiCropAugment", "PhotometricParams", "rgb_to_grayscale", "adjust_hue", "gaussian_blur",

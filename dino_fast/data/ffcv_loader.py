@@ -26,11 +26,6 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-
-from .crops import CropSpec, crop_box
-from .folder import available_cores
-from .base import Batch, LoaderBackend, MultiCropConfig
-
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.libffcv import ctypes_memcopy, imdecode, resize_crop
@@ -38,6 +33,10 @@ from ffcv.loader import Loader, OrderOption
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
+
+from .base import Batch, LoaderBackend, MultiCropConfig
+from .crops import CropSpec, crop_box
+from .folder import available_cores
 
 __all__ = ["MultiCropDecoder", "FFCVBackend"]
 

@@ -23,18 +23,18 @@ part of the augmentation runs afterwards, batched, on the training device
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Iterator, Literal, Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from dino_fast.utils.image_stats import IMAGENET_MEAN, IMAGENET_STD
+
 from .base import Batch, LoaderBackend, MultiCropConfig
 from .crops import CropSpec, crop_boxes
 from .folder import FolderScan, available_cores, format_report, load_rgb, scan_image_folder
-from dino_fast.utils.image_stats import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "MultiCropConfig",

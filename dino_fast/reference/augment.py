@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from torch.utils.data import DataLoader, Dataset
+
 from dino_fast.utils.image_stats import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [

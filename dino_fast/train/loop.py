@@ -29,12 +29,10 @@ The test-only fault-injection hook is documented in :mod:`dino_fast.utils.checkp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import logging
 import math
-import os
 import random
 import signal
 import sys
@@ -45,9 +43,9 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 import torch.distributed as torch_dist
 from torch import nn
+from tqdm import tqdm
 
 from dino_fast.config import ConfigError, TrainConfig, load_config
 from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_loader
@@ -275,12 +273,12 @@ class Trainer:
         if path is None:
             return False
         ck = ckpt_mod.load_checkpoint(path, map_location="cpu")
+        method_state = self._method_state(ck, path)
         ckpt_mod.check_state_dict_compatible(self.student, ck["student"], "student")
         ckpt_mod.check_state_dict_compatible(self.teacher, ck["teacher"], "teacher")
         if ck.get("world_size", 1) != self.dist.world_size:
             log.warning("checkpoint was written with world size %s, resuming with %s",
                         ck.get("world_size"), self.dist.world_size)
-        method_state = self._method_state(ck, path)
         self.method.student.load_state_dict(ck["student"])
         self.method.teacher.load_state_dict(ck["teacher"])
         self.method.load_method_state_dict(method_state)

@@ -12,7 +12,6 @@ import errno
 import io
 import os
 import re
-import signal
 import tempfile
 from pathlib import Path
 from typing import Any, Optional

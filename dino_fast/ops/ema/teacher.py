@@ -85,7 +85,7 @@ def unwrap_module(module: nn.Module) -> nn.Module:
     while True:
         if isinstance(module, (DistributedDataParallel, DataParallel)):
             module = module.module
-        elif hasattr(module, "_orig_mod") and isinstance(getattr(module, "_orig_mod"), nn.Module):
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
             module = module._orig_mod
         else:
             return module

@@ -71,7 +71,7 @@ def _dino_loss_fwd_op(student: Tensor, teacher: Tensor, center: Tensor, ncrops: 
     fp32 for the backward to save (empty for the torch path, whose G is the gradient already):
     saving the ``center`` input instead lets AOTAutograd's partitioner re-derive the copy from
     the module's center buffer in the backward, after the in-place center update of the same
-    graph has changed it (a wrong gradient under torch.compile, tests/test_loss.py)."""
+    graph has changed it (a wrong gradient under torch.compile, tests/losses/test_dino.py)."""
     out = _impl_forward(impl, student, teacher, center, ncrops, n_teacher, student_temp, teacher_temp)
     c_used = center.clone() if impl == "triton" else center.new_empty((0,))
     return tuple(t if t is not student else t.clone() for t in out) + (c_used,)  # type: ignore[return-value]

@@ -198,7 +198,7 @@ class LaunchConfig:
     Forward: grid (fwd_tiles, n_groups), BLOCK_K = fwd_block_k. Backward: grid (bwd_tiles,
     n_groups), BLOCK_K = bwd_block_k. Both with ``num_warps`` warps and ``imgs_per_group``
     images per program. Chosen so that neither kernel spills on sm_80 or sm_90 (see
-    tests/test_kernel_dino_loss.py): the teacher tile (NT_P2, BLOCK_K) stays in registers.
+    tests/ops/test_soft_ce_kernels.py): the teacher tile (NT_P2, BLOCK_K) stays in registers.
     """
 
     fwd_block_k: int

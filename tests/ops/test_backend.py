@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from dino_fast import _backend, cli
+from dino_fast import cli
+from dino_fast.ops import backend as _backend
 
 
 def test_auto_on_cpu_is_torch(monkeypatch):

@@ -10,12 +10,13 @@ import sys
 import pytest
 import torch
 
-from dino_fast.ops.soft_ce.kernels import (
-    dino_loss_backward_triton, dino_loss_forward_triton, launch_config,
-)
 from dino_fast.ops.soft_ce.function import dino_loss
+from dino_fast.ops.soft_ce.kernels import (
+    dino_loss_backward_triton,
+    dino_loss_forward_triton,
+    launch_config,
+)
 from tests._loss_utils import check_kernels_against_float64, make_inputs, reference64, rel
-
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import common  # noqa: E402
-from dino_fast.ops.ema.teacher import TeacherEMA  # noqa: E402
 from dino_fast.ops.ema import kernels as kema  # noqa: E402
+from dino_fast.ops.ema.teacher import TeacherEMA  # noqa: E402
 
 MOMENTA = [0.5, 0.996, 0.9999, 1.0, 0.0, 0.3]
 

@@ -5,7 +5,7 @@ import pytest
 
 from dino_fast.config import VALID_KEYS, ConfigError, TrainConfig, config_from_dict, load_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -15,7 +15,7 @@ def test_shipped_configs_load(path):
 
 
 def test_paper_recipe_values():
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "vit_small16_100ep.yaml")
+    cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "vit_small16_100ep.yaml")
     assert (cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp, cfg.loss.warmup_teacher_temp_epochs) == (0.04, 0.07, 30)
     assert cfg.data.local_crops_number == 10 and cfg.data.global_crops_size == 224 and cfg.data.local_crops_size == 96
     assert cfg.train.epochs == 100

@@ -8,9 +8,9 @@ replacement, optimizer steps in between, buffers, and the errors on mismatched a
 """
 from __future__ import annotations
 
+import gc
 import io
 import math
-import gc
 import socket
 import time
 from datetime import timedelta

@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
-from dino_fast.train import checkpoint as ck
 from dino_fast.config import load_config
-from dino_fast.train.loop import build_student_teacher
+from dino_fast.methods.dino import build_student_teacher
+from dino_fast.utils import checkpoint as ck
 from dino_fast.viz import attention as viz
 
 

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from dino_fast.train import checkpoint as ck
 from dino_fast.train.loop import NonFiniteLossError, Trainer, main
+from dino_fast.utils import checkpoint as ck
 from tests._train_utils import read_losses, tiny_config
 
 
@@ -36,7 +36,7 @@ def test_twenty_iterations_and_exact_resume(data_root, tmp_path):
         assert torch.equal(t_full[k], t_part[k]), k
     for k in s_full:
         assert torch.equal(s_full[k], s_part[k]), k
-    assert torch.equal(ck_full["dino_loss"]["center"], ck_part["dino_loss"]["center"])
+    assert torch.equal(ck_full["method"]["state"]["dino_loss.center"], ck_part["method"]["state"]["dino_loss.center"])
 
 
 def test_last_layer_frozen_in_first_epoch_and_teacher_follows(data_root, tmp_path):
@@ -116,7 +116,7 @@ def test_knn_report_skipped_without_val_root(data_root, tmp_path):
 def test_auto_precision_on_cpu_follows_native_bf16(tmp_path, monkeypatch):
     """'auto' on CPU: bf16 when /proc/cpuinfo lists avx512_bf16 or amx_bf16, else fp32; explicit
     values pass through; fp16 on CPU is refused."""
-    import dino_fast.train.loop as loop_mod
+    import dino_fast.train.precision as loop_mod
     from dino_fast.config import ConfigError
 
     info = tmp_path / "cpuinfo"

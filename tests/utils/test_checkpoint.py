@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dino_fast.train import checkpoint as ck
+from dino_fast.utils import checkpoint as ck
 
 
 def _state(v: float) -> dict:

@@ -26,9 +26,9 @@ def test_both_sides_same_step() -> None:
     ref, ours = bstep.build_pair(TINY, seed=seed, ours_optimizer="foreach")
     crops = bstep.make_crops(TINY, seed=seed)
     # the student's forward in float64 through the reference's modules gives the exact loss
-    from dino_fast.reference.loss import dino_loss_reference
-
     import copy
+
+    from dino_fast.reference.loss import dino_loss_reference
 
     s64, t64 = copy.deepcopy(ref.student).double(), copy.deepcopy(ref.teacher).double()
     torch.manual_seed(seed + 1)

@@ -357,7 +357,7 @@ def test_ffcv_rank_shards(ffcv_loader, folder: Path) -> None:
     got = _collect(rank1)
     ref = _collect(fb1)
     assert len(got) == len(ref) == len(rank1)
-    for (g1, _, y1, b1), (_, _, y2, b2) in zip(got, ref):
+    for (_g1, _, y1, b1), (_, _, y2, b2) in zip(got, ref):
         assert torch.equal(b1, b2) and torch.equal(y1, y2)
     scan = scan_image_folder(folder)
     id_of = _all_ids(scan)

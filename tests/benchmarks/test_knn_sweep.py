@@ -6,12 +6,12 @@ import json
 import pytest
 
 from bench import knn_sweep
-from dino_fast.data.builtin import make_dataset
 from dino_fast.config import load_config
+from dino_fast.data.builtin import make_dataset
 
 
 def test_every_variant_is_a_valid_config():
-    for name, over in knn_sweep.VARIANTS.items():
+    for _name, over in knn_sweep.VARIANTS.items():
         load_config(str(knn_sweep.ROOT / "configs" / "default.yaml"), [o for o in over if not o.startswith("@")])
 
 

@@ -19,8 +19,8 @@ from PIL import Image
 
 from dino_fast.data import MultiCropConfig, build_multicrop_loader
 from dino_fast.ops.ema.teacher import NonFiniteEMAError, TeacherEMA
-from dino_fast.train import checkpoint as ck
 from dino_fast.train.loop import NonFiniteLossError, Trainer, main
+from dino_fast.utils import checkpoint as ck
 from tests._train_utils import make_image_folder, read_losses, tiny_config, write_config
 
 
@@ -170,7 +170,7 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(data_root, tmp_pat
 def test_non_finite_output_stops_at_that_iteration_with_crop_and_row(data_root, tmp_path, monkeypatch,
                                                                       where, value, expected):
     """check_finite on (the trainer's default): the stop names the iteration, the crop and the
-    row; the last good checkpoint is kept (tests/test_train_loop.py covers check_finite off)."""
+    row; the last good checkpoint is kept (tests/train/test_loop.py covers check_finite off)."""
     tr = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=12", "train.checkpoint_every_iters=2",
                              "train.threads=1"))
     assert tr.cfg.train.check_finite
@@ -194,7 +194,7 @@ def test_non_finite_output_stops_at_that_iteration_with_crop_and_row(data_root, 
     assert expected in str(ei.value) and "last good checkpoint" in str(ei.value)
     st = ck.load_checkpoint(tmp_path / "checkpoint.pth")
     assert st["iteration"] == 4
-    assert torch.isfinite(st["dino_loss"]["center"]).all()
+    assert torch.isfinite(st["method"]["state"]["dino_loss.center"]).all()
     for side in ("student", "teacher"):
         assert all(torch.isfinite(v.float()).all() for v in st[side].values())
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
-import dino_fast.loss as loss_mod
+import dino_fast.methods.dino as loss_mod
+from dino_fast.config import ConfigError, load_config
 from dino_fast.losses.koleo import koleo_loss
 from dino_fast.models import DINOHead, MultiCropWrapper, vit_tiny
 from dino_fast.reference.loss import koleo_loss_reference
-from dino_fast.config import ConfigError, load_config
 from dino_fast.train.loop import Trainer
 from tests._train_utils import read_losses, tiny_config
 
