@@ -264,6 +264,78 @@ class StepSide:
         return loss_value, out
 
 
+class TrainerSide:
+    """dino-fast's own training step: :meth:`dino_fast.train.loop.Trainer.step_on_crops` (the
+    method's loss terms, finite checks, the per-step all-reduce, backward, clipping, last-layer
+    freeze, the Trainer's AdamW, EMA) of a Trainer whose config matches ``setup``, on the same
+    crops and initial weights as the other sides. Timed as a whole (``total``).
+
+    Args:
+        setup: shapes. state_dict: initial weights (student and teacher). workdir: a folder for
+            the Trainer's (unused) image folder and output directory.
+    """
+
+    def __init__(self, setup: StepSetup, state_dict: dict[str, torch.Tensor], workdir: str) -> None:
+        from pathlib import Path
+
+        from PIL import Image
+
+        from dino_fast.config import load_config
+        from dino_fast.train.loop import Trainer
+
+        root = Path(workdir) / "images" / "c0"
+        root.mkdir(parents=True, exist_ok=True)
+        for i in range(setup.batch):  # the Trainer builds a loader; the benchmark feeds crops directly
+            Image.new("RGB", (32, 32), (i * 40 % 255, 90, 160)).save(root / f"{i}.png")
+        cuda = setup.device == "cuda"
+        overrides = [
+            f"model.arch={setup.arch}", "model.patch_size=16", f"model.out_dim={setup.out_dim}",
+            f"model.head_hidden_dim={setup.hidden_dim}", f"model.head_bottleneck_dim={setup.bottleneck_dim}",
+            f"model.drop_path_rate={setup.drop_path}", f"model.attn_backend={'auto' if cuda else 'sdpa'}",
+            f"data.root={root.parent}", "data.backend=folder", "data.num_workers=0",
+            f"data.global_crops_size={setup.global_size}", f"data.local_crops_size={setup.local_size}",
+            f"data.local_crops_number={setup.n_local}", f"data.batch_size_per_gpu={setup.batch}",
+            # the other sides' DINOLoss(out_dim, ncrops, 0.04, 0.07, 30, 100) at epoch EPOCH
+            "loss.warmup_teacher_temp=0.04", "loss.teacher_temp=0.07", "loss.warmup_teacher_temp_epochs=30",
+            "train.epochs=100", f"loss.backend={'auto' if cuda else 'torch'}", f"optim.clip_grad={setup.clip}",
+            f"optim.momentum_teacher={MOMENTUM}", "optim.freeze_last_layer=1",
+            f"train.precision={'bf16' if setup.autocast == 'bf16' else 'fp32'}",
+            f"train.output_dir={Path(workdir) / 'out'}", "train.progress=false", "eval.knn_after_training=false",
+        ]
+        if setup.depth is not None:
+            overrides.append(f"model.depth={setup.depth}")
+        self.setup = setup
+        self.trainer = Trainer(load_config(None, overrides))
+        self.trainer.method.student.load_state_dict(state_dict)
+        self.trainer.method.teacher.load_state_dict(state_dict)
+        for group in self.trainer.optimizer.param_groups:  # the other sides' schedule values
+            group["lr"] = 5e-4 * setup.batch / 256
+            group["weight_decay"] = 0.04 if group.get("name") == "regularized" else group["weight_decay"]
+        self.student = self.trainer.method.student
+        self.optimizer_variant = type(self.trainer.optimizer).__name__ + (
+            " fused" if self.trainer.optimizer.defaults.get("fused") else
+            " foreach" if self.trainer.optimizer.defaults.get("foreach") else "")
+
+    def step(self, crops: Sequence[torch.Tensor], seed: int) -> tuple[float, dict[str, float]]:
+        """One Trainer step on ``crops``; returns ``(loss, {"total": seconds})``."""
+        cuda = self.setup.device == "cuda"
+        self.student.train()
+        torch.manual_seed(seed)
+        _sync(self.setup.device)
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+        t0 = time.perf_counter()
+        loss = self.trainer.step_on_crops(list(crops), EPOCH, 0)  # it=0: momentum MOMENTUM
+        if cuda:
+            b.record()
+            torch.cuda.synchronize()
+            secs = a.elapsed_time(b) * 1e-3
+        else:
+            secs = time.perf_counter() - t0
+        return loss, {"total": secs}
+
+
 def make_crops(setup: StepSetup, seed: int = 0) -> list[torch.Tensor]:
     """``2`` global crops ``[B, 3, G, G]`` and ``n_local`` local crops ``[B, 3, L, L]``, float32,
     standard-normal (already normalised images), on ``setup.device``."""
@@ -358,16 +430,24 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
             if group.get("name") == "regularized":
                 group["weight_decay"] = 0.04
     crops = make_crops(setup)
+    import tempfile
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench_step_")
+    torch.manual_seed(0)
+    sd = {k: v.detach().clone() for k, v in ref.student.state_dict().items()}
+    trainer = TrainerSide(setup, sd, tmp.name)
+    sides = (("reference", ref), ("ours", ours), ("trainer", trainer))
     first_losses = {}
     for i in range(warmup):
-        for name, side in (("reference", ref), ("ours", ours)):
+        for name, side in sides:
             loss, _ = side.step(crops, seed=1000 + i)
             first_losses.setdefault(name, loss)
     phase_times: dict[str, dict[str, list[float]]] = {
         n: {p: [] for p in PHASES + ("total",)} for n in ("reference", "ours")}
-    losses: dict[str, list[float]] = {"reference": [], "ours": []}
+    phase_times["trainer"] = {"total": []}
+    losses: dict[str, list[float]] = {"reference": [], "ours": [], "trainer": []}
     for r in range(rounds):
-        order = (("reference", ref), ("ours", ours)) if r % 2 == 0 else (("ours", ours), ("reference", ref))
+        order = sides if r % 2 == 0 else sides[::-1]
         for name, side in order:
             loss, secs = side.step(crops, seed=2000 + r)
             losses[name].append(loss)
@@ -405,7 +485,19 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
     # Amdahl: the best speed-up reachable without touching forward+backward
     fb = row["reference"]["forward"] + row["reference"]["backward"]
     row["speedup_ceiling_if_forward_backward_unchanged"] = row["reference"]["total"] / fb if fb > 0 else math.inf
-    del ref, ours
+    # the Trainer's own step (what `dino-fast train` runs), on the same crops and weights
+    row["trainer"] = {"total": statistics.median(phase_times["trainer"]["total"])}
+    row["trainer_min"] = {"total": min(phase_times["trainer"]["total"])}
+    row["trainer_optimizer"] = trainer.optimizer_variant
+    row["first_loss_trainer"] = first_losses["trainer"]
+    row["loss_rel_diff_first_step_trainer"] = abs(first_losses["reference"] - first_losses["trainer"]) \
+        / max(abs(first_losses["reference"]), 1e-30)
+    t_ratios = [a / b for a, b in zip(phase_times["reference"]["total"], phase_times["trainer"]["total"])]
+    row["trainer_speedup"] = statistics.median(t_ratios)
+    row["trainer_speedup_min_max"] = [min(t_ratios), max(t_ratios)]
+    row["images_per_s_trainer"] = setup.batch / row["trainer"]["total"]
+    del ref, ours, trainer, sides
+    tmp.cleanup()
     return row
 
 
@@ -419,6 +511,11 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
         cells = ", ".join(f"{k} {v * 1e3:.1f}" if isinstance(v, float) else f"{k}: {v}"
                           for k, v in r["optimizer_variants_s"].items())
         print(f"  {r['setup']}: {cells}; ours uses {r['ours_optimizer']}")
+    for r in rows:
+        print(f"  {r['setup']}: Trainer.step_on_crops (the trainer's own step, {r['trainer_optimizer']}): "
+              f"{r['trainer']['total'] * 1e3:.1f} ms, {r['trainer_speedup']:.2f}x the reference "
+              f"(per-round {r['trainer_speedup_min_max'][0]:.2f}-{r['trainer_speedup_min_max'][1]:.2f}x), "
+              f"first-step loss {r['first_loss_trainer']:.6f} (rel. diff {r['loss_rel_diff_first_step_trainer']:.1e})")
     for r in rows:
         print(f"  {r['setup']}: first-step loss reference {r['first_loss_reference']:.6f}, ours "
               f"{r['first_loss_ours']:.6f} (rel. diff {r['loss_rel_diff_first_step']:.1e}); attention "

@@ -24,7 +24,7 @@ pytestmark = [
     pytest.mark.cuda,
     pytest.mark.skipif(not torch.cuda.is_available(),
                        reason="needs a CUDA device (run `TRITON_INTERPRET=0 python -m pytest -m cuda tests` on a GPU "
-                              "machine); the kernels are checked under the interpreter in test_kernel_*.py"),
+                              "machine); the kernels are checked under the interpreter in tests/ops/test_*_kernels.py"),
     pytest.mark.skipif(triton_interpreter_active(), reason="TRITON_INTERPRET=1 is set: these tests check the kernels compiled for "
                                               "the GPU; run them with TRITON_INTERPRET=0"),
 ]

@@ -378,6 +378,16 @@ class Trainer:
         crops = self.augment(global_crops.to(self.device, non_blocking=nb),
                              local_crops.to(self.device, non_blocking=nb), generator=gen,
                              sample_ids=sample_ids, seed=cfg.train.seed, epoch=epoch)
+        return self.step_on_crops(crops, epoch, it)
+
+    def step_on_crops(self, crops: Sequence[torch.Tensor], epoch: int, it: int) -> float:
+        """The step after the augmentation: the method's loss terms, the finite checks and the
+        all-reduce, backward, clipping, last-layer freeze, optimizer step, teacher EMA and
+        ``method.after_step``. ``crops``: float ``[B, 3, H, W]`` tensors on the training device,
+        the global crops first. Learning rate and weight decay are whatever the param groups hold
+        (:meth:`train_step` sets them from the schedules first). Returns the total loss averaged
+        over ranks; raises :class:`NonFiniteLossError` as :meth:`train_step` does."""
+        cfg = self.cfg
         out = self.method.forward_step(crops, epoch, it)
         loss = out.total()
         outputs = [t for t, _ in out.outputs.values()]

@@ -84,6 +84,29 @@ def test_bench_setup_quick_row() -> None:
     assert row["optimizer_variants_s"]["apex"] in ("apex not installed", "apex: CUDA only, not timed on CPU")
     assert min(row["speedup_min_max"]) <= row["speedup"] <= max(row["speedup_min_max"])
     assert row["params"] == sum(p.numel() for p in bstep.build_models(TINY, "math")[0].parameters())
+    # the Trainer's own step on the same crops and weights computes the same first loss
+    assert row["loss_rel_diff_first_step_trainer"] < 1e-5
+    assert row["trainer"]["total"] > 0 and row["images_per_s_trainer"] == pytest.approx(TINY.batch / row["trainer"]["total"])
+    assert min(row["trainer_speedup_min_max"]) <= row["trainer_speedup"] <= max(row["trainer_speedup_min_max"])
+
+
+def test_trainer_side_is_the_trainers_step(monkeypatch, tmp_path) -> None:
+    """TrainerSide.step runs Trainer.step_on_crops, not a copy of it."""
+    from dino_fast.train.loop import Trainer
+
+    calls = []
+    real = Trainer.step_on_crops
+
+    def spy(self, crops, epoch, it):
+        calls.append((len(crops), epoch, it))
+        return real(self, crops, epoch, it)
+
+    monkeypatch.setattr(Trainer, "step_on_crops", spy)
+    torch.manual_seed(0)
+    sd = bstep.build_models(TINY, "sdpa")[0].state_dict()
+    side = bstep.TrainerSide(TINY, sd, str(tmp_path))
+    loss, secs = side.step(bstep.make_crops(TINY), seed=1)
+    assert calls == [(TINY.ncrops, bstep.EPOCH, 0)] and loss > 0 and secs["total"] > 0
 
 
 @pytest.mark.parametrize("kw, match", [
