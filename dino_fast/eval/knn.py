@@ -149,6 +149,22 @@ def run_eval_roots(cfg: Any) -> Optional[tuple[Path, Path]]:
     return base / "train", Path(cfg.data.val_root) if cfg.data.val_root else base / "val"
 
 
+def eval_roots_for(cfg: Any, train: Optional[str], val: Optional[str]) -> tuple[Path, Path]:
+    """The (train, val) folders of an evaluation command: the given ones, the missing ones taken
+    from the run's config (:func:`run_eval_roots`).
+
+    Raises:
+        ValueError: one is missing and the run trained on a custom ``data.root`` without
+            ``data.val_root``.
+    """
+    if train is not None and val is not None:
+        return Path(train), Path(val)
+    roots = run_eval_roots(cfg)
+    if roots is None:
+        raise ValueError("this run trained on a custom data.root without data.val_root: pass --train and --val")
+    return Path(train or roots[0]), Path(val or roots[1])
+
+
 def load_backbone_from_checkpoint(path: str | Path, which: str = "teacher") -> tuple[nn.Module, Any]:
     """Rebuild the backbone of a training checkpoint (``which`` = teacher or student) and return
     (backbone, TrainConfig). Also accepts an exported ``teacher_backbone.pth`` when a
@@ -188,13 +204,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(list(argv) if argv is not None else None)
     try:
         backbone, cfg = load_backbone_from_checkpoint(a.checkpoint, a.which)
-        if a.train is None or a.val is None:
-            roots = run_eval_roots(cfg)
-            if roots is None:
-                raise ValueError("this run trained on a custom data.root without data.val_root: pass --train and --val")
-            train_root, val_root = Path(a.train or roots[0]), Path(a.val or roots[1])
-        else:
-            train_root, val_root = Path(a.train), Path(a.val)
+        train_root, val_root = eval_roots_for(cfg, a.train, a.val)
         size = a.image_size or cfg.eval.image_size
         res = knn_eval_backbone(backbone.to(a.device), train_root, val_root, ks=a.k, temperature=a.temperature,
                                 image_size=size, resize_size=cfg.eval.resize_size if a.image_size is None else None,

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dino_fast.data import build_eval_loader
-from dino_fast.eval.knn import run_eval_roots
+from dino_fast.eval.knn import eval_roots_for, load_backbone_from_checkpoint
 
 __all__ = [
     "LR_GRID",
@@ -484,17 +484,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for flag, root in (("--train", a.train), ("--val", a.val)):
             if root is not None and not Path(root).is_dir():
                 raise FileNotFoundError(f"{flag} {root!r} is not a directory")
-        # deferred: rebuilding the backbone needs the trainer's config and checkpoint code
-        from dino_fast.eval.knn import load_backbone_from_checkpoint
-
         backbone, cfg = load_backbone_from_checkpoint(a.checkpoint, a.which)
-        if a.train is None or a.val is None:
-            roots = run_eval_roots(cfg)
-            if roots is None:
-                raise ValueError("this run trained on a custom data.root without data.val_root: pass --train and --val")
-            train_root, val_root = Path(a.train or roots[0]), Path(a.val or roots[1])
-        else:
-            train_root, val_root = Path(a.train), Path(a.val)
+        train_root, val_root = eval_roots_for(cfg, a.train, a.val)
         size = a.image_size or cfg.eval.image_size
         res = linear_eval_backbone(
             backbone.to(a.device), train_root, val_root, image_size=size,
