@@ -82,7 +82,7 @@ def soft_ce_forward_torch(
     Returns: loss (0-dim), colsum of T (K,), lse of S/tau_s per row (ncrops*B,), all fp32 (fp64
     for fp64 inputs), and G = dLoss/dS for an upstream gradient of 1, in S's dtype.
 
-    Per chunk of images (a ~1 MiB buffer), per crop: y = S_v/tau_s; m = max(y); p = softmax(y)
+    Per chunk of images (a ~CPU_GROUP_BYTES = 2 MiB buffer), per crop: y = S_v/tau_s; m = max(y); p = softmax(y)
     (one fused aten kernel, one exp per element) written straight into the gradient rows;
     lse = m - log(max(p)); <Q_v, y>; then G_v = |Q_v| * scale * p - scale * Q_v in one pass.
     The teacher rows of the chunk's images are soft-maxed once and reused by all crops.
