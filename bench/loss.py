@@ -17,6 +17,11 @@ Reports:
   B is a multiple of 8); the floor (read S, read T, write dS). Bars: Triton <= 1.7x the floor
   and >= 15x fewer bytes than the reference. Projected H100 times (bytes / 3.0 TB/s) are
   labelled *projected*.
+- Against what a user gets for free (``compiled_rows``): per-call forward+backward times, all
+  formulations interleaved call by call in one process, at B = 32, K = 65536, 2+8 crops, fp32
+  and bf16: dino-fast, the official pair loop (eager and under ``torch.compile``), DINOv2's
+  composition (one log-softmax per student crop; eager and compiled). Bars: dino-fast's median
+  >= 1.5x the best compiled peer's median, and <= 1.3x its own best call.
 - Sweeps for the plots: time and peak memory vs K (B=8) and vs B (K=65536), 2+8 crops, fp32.
 - On a CUDA machine: ``triton.testing.do_bench`` of the Triton path and of the reference.
 """
@@ -35,11 +40,17 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 from bench import common  # noqa: E402
 from dino_fast.losses.dino import DINOLoss
 from dino_fast.ops.soft_ce.function import dino_loss  # noqa: E402
-from dino_fast.reference.loss import DINOLossReference, dino_loss_reference  # noqa: E402
+from dino_fast.reference.loss import (  # noqa: E402
+    DINOLossReference,
+    dino_loss_dinov2_composition,
+    dino_loss_reference,
+)
 
 K = 65536
 TAU_S, TAU_T = 0.1, 0.04
 BAR_SPEEDUP = 4.0
+BAR_VS_COMPILED = 1.5
+BAR_MEDIAN_OVER_BEST = 1.3
 BAR_MEMORY = 0.10
 BAR_FLOOR = 1.7
 BAR_VS_REF = 15.0
@@ -97,6 +108,77 @@ def cpu_time_rows(quick: bool) -> list[dict[str, Any]]:
         ))
         del S, T
     return rows
+
+
+def compiled_rows(quick: bool) -> list[dict[str, Any]]:
+    """Per-call forward+backward ms of dino-fast and of the peers a user would pick (the official
+    loop and DINOv2's composition, eager and under ``torch.compile`` default mode), interleaved
+    call by call (order rotated every round) on the same inputs; one row per (formulation, dtype)."""
+    import time
+
+    B, ncrops = 32, 10
+    rounds, warmup = (8, 2) if quick else (15, 3)
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        S, T, c = _inputs(B, ncrops, dtype)
+        ref, ours = _criteria(ncrops)
+        temp = float(ref.teacher_temp_schedule[0])
+
+        def official(s: torch.Tensor) -> torch.Tensor:
+            return dino_loss_reference(s, T, c, ncrops=ncrops, student_temp=TAU_S, teacher_temp=temp)
+
+        def dinov2(s: torch.Tensor) -> torch.Tensor:
+            return dino_loss_dinov2_composition(s, T, c, ncrops=ncrops, student_temp=TAU_S, teacher_temp=temp)
+
+        forms: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+            "dino-fast": lambda s: ours(s, T, 0),
+            "official eager": official,
+            "official compiled": torch.compile(official),
+            "DINOv2 composition eager": dinov2,
+            "DINOv2 composition compiled": torch.compile(dinov2),
+        }
+        names = list(forms)
+        times: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(warmup + rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for n in order:
+                s = S.detach().requires_grad_()
+                t0 = time.perf_counter()
+                forms[n](s).backward()
+                dt = time.perf_counter() - t0
+                del s
+                if r >= warmup:
+                    times[n].append(dt * 1e3)
+        for n in names:
+            rows.append(dict(B=B, crops=f"2+{ncrops - 2}", dtype=str(dtype).replace("torch.", ""), formulation=n,
+                             median_ms=statistics.median(times[n]), min_ms=min(times[n]),
+                             median_over_min=statistics.median(times[n]) / min(times[n]), rounds=rounds))
+        ours_med = statistics.median(times["dino-fast"])
+        for row in rows[-len(names):]:
+            row["dino_fast_speedup"] = row["median_ms"] / ours_med
+    return rows
+
+
+def _compiled_bars(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    bars = {}
+    for dtype in ("float32", "bfloat16"):
+        mine = [r for r in rows if r["dtype"] == dtype]
+        ours = next(r for r in mine if r["formulation"] == "dino-fast")
+        best = min((r for r in mine if "compiled" in r["formulation"]), key=lambda r: r["median_ms"])
+        value = best["median_ms"] / ours["median_ms"]
+        bars[f"vs_best_compiled_peer_B32_2+8_{dtype}"] = {
+            "value": value, "bar": BAR_VS_COMPILED, "met": value >= BAR_VS_COMPILED,
+            "note": f"best compiled peer: {best['formulation']} {best['median_ms']:.1f} ms median, "
+                    f"dino-fast {ours['median_ms']:.1f} ms"}
+        bars[f"median_over_best_B32_2+8_{dtype}"] = {
+            "value": ours["median_over_min"], "bar": BAR_MEDIAN_OVER_BEST,
+            "met": ours["median_over_min"] <= BAR_MEDIAN_OVER_BEST}
+    f32 = next(r for r in rows if r["dtype"] == "float32" and r["formulation"] == "dino-fast")
+    b16 = next(r for r in rows if r["dtype"] == "bfloat16" and r["formulation"] == "dino-fast")
+    bars["bf16_over_fp32_median_B32_2+8"] = {
+        "value": b16["median_ms"] / f32["median_ms"], "bar": 1.0, "met": b16["median_ms"] <= f32["median_ms"],
+        "note": "bf16 inputs at least as fast as fp32 (the bar is <= 1.0)"}
+    return bars
 
 
 def memory_rows(quick: bool) -> list[dict[str, Any]]:
@@ -232,6 +314,10 @@ def _report(res: dict[str, Any]) -> None:
           "rounds' medians; *_min: best single call)")
     print(common.fmt_table(res["cpu_time"], ["B", "crops", "dtype", "ref_ms", "ours_ms", "speedup",
                                              "ref_min_ms", "ours_min_ms", "speedup_min"]))
+    print("\nAgainst torch.compile (per-call forward+backward ms, every formulation interleaved call by call; "
+          "speedup = formulation median / dino-fast median)")
+    print(common.fmt_table(res["compiled"], ["dtype", "formulation", "median_ms", "min_ms", "median_over_min",
+                                             "dino_fast_speedup"]))
     print("\nPeak extra CPU memory of forward+backward beyond inputs and gradient")
     print(common.fmt_table(res["memory"], ["B", "crops", "dtype", "ref_MiB", "ours_MiB", "ratio"]))
     print(f"\nBytes moved per forward+backward (Triton counted under the interpreter at B={COUNT_B}, "
@@ -260,6 +346,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     load_before = os.getloadavg()
     payload: dict[str, Any] = {"quick": quick, "K": K, "student_temp": TAU_S, "teacher_temp": TAU_T}
     payload["cpu_time"] = cpu_time_rows(quick)
+    payload["compiled"] = compiled_rows(quick)
     payload["memory"] = memory_rows(quick)
     payload["bytes"] = bytes_rows(quick)
     payload["sweep"] = sweep_rows(quick)
@@ -272,6 +359,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     payload["bars"] = {
         "cpu_speedup_B32_2+8_fp32": {"value": head["speedup"], "bar": BAR_SPEEDUP, "met": head["speedup"] >= BAR_SPEEDUP},
         "memory_ratio_B32_2+8_fp32": {"value": mem["ratio"], "bar": BAR_MEMORY, "met": mem["ratio"] <= BAR_MEMORY},
+        **_compiled_bars(payload["compiled"]),
     }
     if "triton_x_floor" in byt:
         payload["bars"]["triton_bytes_x_floor_B64_2+10_fp32"] = {

@@ -60,6 +60,36 @@ def dino_loss_reference(
     return total_loss / n_loss_terms
 
 
+def dino_loss_dinov2_composition(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    center: torch.Tensor,
+    *,
+    ncrops: int,
+    student_temp: float,
+    teacher_temp: float,
+    n_teacher: int = 2,
+) -> torch.Tensor:
+    """The same loss as :func:`dino_loss_reference`, composed as DINOv2's DINO loss module does:
+    the teacher soft-maxed once, one log-softmax per student crop (not one per pair), then the
+    pairs (teacher crop i, student crop v != i) of ``-sum(q_i * log p_v)`` averaged.
+
+    Same arguments and result; the arithmetic is in float32 for half inputs (as DINOv2 runs its
+    loss), else in the input dtype. A peer for the benchmarks (eager and under torch.compile).
+    """
+    dt = torch.float32 if student.dtype in (torch.bfloat16, torch.float16) else student.dtype
+    q = F.softmax((teacher.to(dt) - center.reshape(1, -1).to(dt)) / teacher_temp, dim=-1).detach().chunk(n_teacher)
+    logp = F.log_softmax(student.to(dt) / student_temp, dim=-1).chunk(ncrops)
+    total = student.new_zeros((), dtype=dt)
+    n = 0
+    for iq, qi in enumerate(q):
+        for v, lp in enumerate(logp):
+            if v != iq:
+                total = total - torch.sum(qi * lp, dim=-1).mean()
+                n += 1
+    return total / n
+
+
 @torch.no_grad()
 def update_center_reference(center: torch.Tensor, teacher_output: torch.Tensor, momentum: float) -> torch.Tensor:
     """Return the updated center ``m*c + (1-m) * sum_rows(T) / (rows * world_size)``.

@@ -37,6 +37,24 @@ def test_reference_matches_numpy_definition(B, K, ncrops, n_teacher):
     assert abs(got.item() - expect) <= 1e-12 * abs(expect)
 
 
+@pytest.mark.parametrize("B,K,ncrops,n_teacher", [(1, 5, 2, 2), (3, 64, 4, 2), (2, 33, 6, 3), (2, 17, 3, 1)])
+def test_dinov2_composition_equals_the_official_loop(B, K, ncrops, n_teacher):
+    from dino_fast.reference.loss import dino_loss_dinov2_composition
+
+    S = torch.randn(ncrops * B, K, dtype=torch.float64, requires_grad=True)
+    T = torch.randn(n_teacher * B, K, dtype=torch.float64)
+    c = 0.1 * torch.randn(1, K, dtype=torch.float64)
+    kw = dict(ncrops=ncrops, student_temp=0.1, teacher_temp=0.05, n_teacher=n_teacher)
+    a = dino_loss_reference(S, T, c, **kw)
+    b = dino_loss_dinov2_composition(S, T, c, **kw)
+    assert abs(a.item() - b.item()) <= 1e-12 * abs(a.item())
+    ga, = torch.autograd.grad(a, S)
+    gb, = torch.autograd.grad(b, S)
+    torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-14)
+    half = dino_loss_dinov2_composition(S.detach().bfloat16(), T.bfloat16(), c.float(), **kw)
+    assert half.dtype == torch.float32 and abs(half.item() - a.item()) < 2e-2 * abs(a.item())
+
+
 def test_reference_gradient_matches_identity():
     """dL/dS_v = (|Q_v| softmax(S_v/tau_s) - Q_v) / (tau_s B n_terms) (docs/DESIGN.md, "The DINO loss")."""
     B, K, ncrops = 3, 50, 5

@@ -1,6 +1,6 @@
 """The eager CPU fast path of the centered soft-target cross-entropy (``backend="torch"``).
 
-Works on chunks of ~2 MiB (a few images, all K columns, buffers recycled through a
+Works on chunks of ~4 MiB (a few images, all K columns, buffers recycled through a
 :class:`Workspace`): per chunk it soft-maxes the teacher rows of its images once, then for every
 crop computes y = S_v/tau_s, its row max, <Q_v, y>, the softmax (one fused aten kernel, one exp
 per element) written straight into the gradient's rows, lse = max - log(max softmax), and the
@@ -20,7 +20,9 @@ from dino_fast.ops.soft_ce.checks import math_dtype
 
 __all__ = ["Workspace", "CPU_GROUP_BYTES", "soft_ce_forward_torch"]
 
-CPU_GROUP_BYTES = 2 << 20
+# Bytes of one (images, K) fp32 chunk buffer: large enough that per-op dispatch cost is small
+# against the arithmetic, small enough that the ~5 chunk buffers stay in the last-level cache.
+CPU_GROUP_BYTES = 4 << 20
 # Raise fp32 logits far below their row max before the softmax (see _torch_forward).
 _SUBNORMAL_FLOOR = True
 
@@ -82,7 +84,7 @@ def soft_ce_forward_torch(
     Returns: loss (0-dim), colsum of T (K,), lse of S/tau_s per row (ncrops*B,), all fp32 (fp64
     for fp64 inputs), and G = dLoss/dS for an upstream gradient of 1, in S's dtype.
 
-    Per chunk of images (a ~CPU_GROUP_BYTES = 2 MiB buffer), per crop: y = S_v/tau_s; m = max(y); p = softmax(y)
+    Per chunk of images (a ~CPU_GROUP_BYTES = 4 MiB buffer), per crop: y = S_v/tau_s; m = max(y); p = softmax(y)
     (one fused aten kernel, one exp per element) written straight into the gradient rows;
     lse = m - log(max(p)); <Q_v, y>; then G_v = |Q_v| * scale * p - scale * Q_v in one pass.
     The teacher rows of the chunk's images are soft-maxed once and reused by all crops.
@@ -101,7 +103,10 @@ def soft_ce_forward_torch(
     S3 = S.unflatten(0, (ncrops, B))
     T3 = T.unflatten(0, (NT, B))
     G3 = G.unflatten(0, (ncrops, B))
-    colsum = T.sum(0, dtype=dt)
+    # half-precision T: the column sum is accumulated per chunk from the fp32 copy the loop makes
+    # anyway (a separate half -> fp32 column reduction of T is several times slower on CPU)
+    fused_colsum = T.dtype != dt
+    colsum = torch.zeros((K,), dtype=dt, device=dev) if fused_colsum else T.sum(0, dtype=dt)
     cf = c.reshape(-1).to(dt)
     tflat = ws.get("t", (NT * r * K,), dt, dev)
     yflat = ws.get("y", (r * K,), dt, dev)
@@ -109,7 +114,8 @@ def soft_ce_forward_torch(
     pflat = ws.get("p", (r * K,), dt, dev) if G.dtype != dt else None
     oflat = ws.get("o", (r * K,), dt, dev) if NT > 2 else None
     lse = torch.zeros((ncrops, B), dtype=dt, device=dev)
-    dots = torch.zeros((ncrops, B), dtype=dt, device=dev)
+    # the loss needs only the sum of <Q_v, y> over crops and rows: one BLAS dot per (crop, chunk)
+    dots = torch.zeros((ncrops, -(-B // r)), dtype=dt, device=dev)
     same_s = S.dtype == dt
     # fp32: logits more than `floor` below their row max are raised to max - floor before the
     # softmax, so that no probability (nor probability times `scale`) is subnormal: subnormal
@@ -118,11 +124,16 @@ def soft_ce_forward_torch(
     floor: Optional[float] = None
     if dt == torch.float32 and _SUBNORMAL_FLOOR:
         floor = max(30.0, 87.0 - math.log(K) - max(0.0, math.log(1.0 / scale)) - 3.0)
-    for b0 in range(0, B, r):
+    for ci, b0 in enumerate(range(0, B, r)):
         b1 = min(B, b0 + r)
         w = b1 - b0
         q = tflat[: NT * w * K].view(NT, w, K)
-        torch.sub(T3[:, b0:b1], cf, out=q)
+        if fused_colsum:
+            q.copy_(T3[:, b0:b1])
+            colsum.add_(q.view(NT * w, K).sum(0))
+            q.sub_(cf)
+        else:
+            torch.sub(T3[:, b0:b1], cf, out=q)
         q.mul_(inv_t)
         if floor is not None:
             torch.maximum(q, q.amax(-1, keepdim=True).sub_(floor), out=q)
@@ -154,13 +165,20 @@ def soft_ce_forward_torch(
                 y.copy_(S3[v, b0:b1]).mul_(inv_s)
             m = lse[v, b0:b1]
             torch.amax(y, 1, out=m)
-            torch.linalg.vecdot(y, Qv, out=dots[v, b0:b1])   # -scale * <Q_v, y>, before the floor
+            # -scale * sum_rows <Q_v, y>, before the floor (vecdot would write the (w, K) product
+            # to a temporary and reduce it: a second pass over the chunk)
+            torch.dot(y.view(-1), Qv.reshape(-1), out=dots[v, ci])
             if floor is not None:
                 torch.maximum(y, (m - floor).unsqueeze(1), out=y)
             p = g_rows if pflat is None else pflat[: w * K].view(w, K)
             torch.ops.aten._softmax.out(y, -1, False, out=p)
             m.sub_(p.amax(1).log_())                          # lse = max - log(max softmax)
-            torch.add(Qv, p, alpha=nq * scale, out=g_rows)
+            if pflat is None:
+                torch.add(Qv, p, alpha=nq * scale, out=g_rows)
+            else:  # half-precision gradient: fp32 in place, then one rounding copy (the same bits
+                # as a mixed-dtype add into g_rows, which takes about 1.5x as long on CPU)
+                torch.add(Qv, p, alpha=nq * scale, out=p)
+                g_rows.copy_(p)
     v = torch.arange(ncrops, device=dev)
     nq_v = (NT - (v < NT).to(torch.int64)).to(dt)
     loss = ((nq_v.unsqueeze(1) * lse).sum() + dots.sum() / scale) / (B * n_terms)
