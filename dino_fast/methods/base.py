@@ -126,6 +126,13 @@ class Method(nn.Module):
         """
         raise NotImplementedError
 
+    def collapse_inputs(self, out: StepOutput, epoch: int) -> Optional[dict[str, Any]]:
+        """Keyword arguments of :func:`dino_fast.eval.collapse.collapse_stats` for this step's
+        outputs (``teacher_logits``, ``student_logits``, ``center``, ``teacher_temp``,
+        ``student_temp``, optional ``features``), or None when the method has no such head
+        (the default). The trainer calls it at the end of each epoch."""
+        return None
+
     def scalars(self, epoch: int, it: int) -> dict[str, float]:
         """Method-specific values to log with the step (schedules, temperatures); default none."""
         return {}

@@ -59,6 +59,7 @@ class DINO(Method):
         self.n_global = cfg.data.global_crops_number
         ncrops = cfg.data.global_crops_number + cfg.data.local_crops_number
         self.koleo_weight = float(cfg.loss.koleo_weight)
+        self._last_teacher_features: Optional[Tensor] = None
         self.dino_loss = DINOLoss(
             cfg.model.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
             cfg.loss.warmup_teacher_temp_epochs, cfg.train.epochs, student_temp=cfg.loss.student_temp,
@@ -69,7 +70,7 @@ class DINO(Method):
     def forward_step(self, crops: Sequence[Tensor], epoch: int, it: int) -> StepOutput:
         """DINO loss (and KoLeo) of one batch; see :meth:`Method.forward_step`."""
         with self.autocast():
-            teacher_out = self.teacher(crops[: self.n_global])
+            teacher_out, teacher_features = self.teacher(crops[: self.n_global], return_features=True)
             if self.koleo_weight > 0:
                 student_out, student_features = self.student_forward(crops, return_features=True)
             else:
@@ -80,7 +81,18 @@ class DINO(Method):
             n_rows = self.n_global * B
             koleo = sum(koleo_loss(f) for f in student_features[:n_rows].chunk(self.n_global))
             terms["koleo"] = LossTerm(koleo, self.koleo_weight)
-        return StepOutput(terms, {"student_output": (student_out, B), "teacher_output": (teacher_out, B)})
+        out = StepOutput(terms, {"student_output": (student_out, B), "teacher_output": (teacher_out, B)})
+        self._last_teacher_features = teacher_features
+        return out
+
+    def collapse_inputs(self, out: StepOutput, epoch: int) -> Optional[dict[str, Any]]:
+        """Teacher and student head outputs of the step, the loss center, the temperatures and
+        the teacher's backbone CLS features (see :meth:`Method.collapse_inputs`)."""
+        return {"teacher_logits": out.outputs["teacher_output"][0].detach(),
+                "student_logits": out.outputs["student_output"][0].detach(),
+                "center": self.dino_loss.center, "teacher_temp": self.dino_loss.teacher_temp_at(epoch),
+                "student_temp": self.dino_loss.student_temp,
+                "features": self._last_teacher_features.detach()}
 
     def scalars(self, epoch: int, it: int) -> dict[str, float]:
         """The teacher temperature of ``epoch`` (logged beside the loss terms)."""

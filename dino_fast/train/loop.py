@@ -50,6 +50,7 @@ from tqdm import tqdm
 from dino_fast.config import ConfigError, TrainConfig, load_config
 from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_loader
 from dino_fast.data.builtin import ensure_builtin_dataset
+from dino_fast.eval.collapse import collapse_stats, diagnose
 from dino_fast.eval.knn import knn_eval_backbone, run_eval_roots
 from dino_fast.methods import Method, StepOutput, build_backbone, build_method
 from dino_fast.ops.ema import NonFiniteEMAError, TeacherEMA
@@ -189,6 +190,10 @@ class Trainer:
         self._metrics_file = None
         self._tb = None
         self.last_terms: dict[str, float] = {}
+        self.collapse_every_epoch = True  # collapse statistics at the last step of each epoch
+        self._collapse_due = False
+        self.last_collapse: Optional[dict[str, Any]] = None
+        self.collapse_warnings: list[tuple[int, str]] = []  # (epoch, warning) seen in this run
 
     @property
     def student(self) -> nn.Module:
@@ -406,6 +411,13 @@ class Trainer:
         values = stats.tolist()
         loss_value, n_bad, n_stop = values[0], values[-2], values[-1]
         self.last_terms = dict(zip(names, values[1:1 + len(names)]))
+        if self._collapse_due:
+            self._collapse_due = False
+            inputs = self.method.collapse_inputs(out, epoch)
+            if inputs is not None:
+                with torch.no_grad():
+                    stats = collapse_stats(**inputs)
+                self.last_collapse = {"stats": stats, "warnings": diagnose(stats), "epoch": epoch}
         self._stop_all = n_stop > 0
         if n_bad > 0 or not math.isfinite(loss_value):
             detail = self._non_finite_detail(out)
@@ -432,6 +444,28 @@ class Trainer:
             ) from e
         self.method.after_step(it)
         return loss_value
+
+    def _report_collapse(self, epoch: int) -> dict[str, float]:
+        """The collapse statistics of this step as ``collapse/<name>`` metrics (empty when none
+        were computed), and a warning per symptom once warm-up is over (``optim.warmup_epochs``:
+        a network near its random init has near-uniform outputs by construction)."""
+        rep = self.last_collapse
+        if rep is None:
+            return {}
+        stats = rep["stats"]
+        metrics = {f"collapse/{k}": float(v) for k, v in stats.as_dict().items()
+                   if v is not None and k not in ("feature_dim", "feature_rows", "teacher_rows")}
+        if self.dist.is_main:
+            log.info("epoch %d collapse check: teacher entropy %.3f of ln K = %.3f, prototype usage %.3f, "
+                     "student entropy %.3f, feature std %s, effective rank %s", epoch, stats.teacher_entropy,
+                     stats.teacher_entropy_max, stats.prototype_entropy, stats.student_entropy,
+                     "n/a" if stats.feature_std is None else f"{stats.feature_std:.4f}",
+                     "n/a" if stats.effective_rank is None else f"{stats.effective_rank:.1f}")
+            if epoch >= self.cfg.optim.warmup_epochs:
+                for w in rep["warnings"]:
+                    self.collapse_warnings.append((epoch, w))
+                    log.warning("epoch %d: %s", epoch, w)
+        return metrics
 
     def _non_finite_detail(self, out: StepOutput) -> str:
         """Where the first NaN/inf of this rank's outputs is (crop and row), or which rank has it."""
@@ -477,6 +511,9 @@ class Trainer:
                     if it >= total:
                         break
                     self.student.train()
+                    last_of_epoch = i + 1 == self.niter_per_epoch or it + 1 >= total
+                    self._collapse_due = self.collapse_every_epoch and last_of_epoch
+                    self.last_collapse = None
                     loss = self.train_step(g, l, epoch, it, sample_ids=epoch_ids[i])
                     self.iteration = it + 1
                     self.last_loss = loss
@@ -487,8 +524,9 @@ class Trainer:
                     terms = self.last_terms if len(self.last_terms) > 1 else {}
                     bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in terms.items()},
                                     lr=f"{self.lr_schedule[it]:.2e}", img_s=f"{images / max(dt, 1e-9):.1f}")
-                    if it % max(cfg.train.log_every, 1) == 0 or self.iteration == total:
-                        self._log_metrics({"iteration": it, "epoch": epoch, "loss": loss,
+                    collapse = self._report_collapse(epoch)
+                    if collapse or it % max(cfg.train.log_every, 1) == 0 or self.iteration == total:
+                        self._log_metrics({**collapse, "iteration": it, "epoch": epoch, "loss": loss,
                                            **{f"loss/{k}": v for k, v in self.last_terms.items()},
                                            "lr": float(self.lr_schedule[it]), "wd": float(self.wd_schedule[it]),
                                            "momentum": float(self.momentum_schedule[it]),
@@ -528,7 +566,8 @@ class Trainer:
         if self.dist.is_main:
             self.export_teacher_backbone()
         return {"iterations": self.iteration, "iterations_run": iters_run, "last_loss": self.last_loss,
-                "output_dir": str(self.out_dir), "interrupted": interrupted}
+                "output_dir": str(self.out_dir), "interrupted": interrupted,
+                "collapse_warnings": [f"epoch {e}: {w}" for e, w in self.collapse_warnings]}
 
     def export_teacher_backbone(self) -> Path:
         """Write the teacher backbone alone (official DINO key layout) to teacher_backbone.pth."""
@@ -596,6 +635,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log.info("trained %d iterations (%d in this run) in %.1f s, last loss %.4f; output in %s",
                      summary["iterations"], summary["iterations_run"], time.perf_counter() - t0,
                      summary["last_loss"], summary["output_dir"])
+            n_warn = len(summary["collapse_warnings"])
+            print(f"collapse check: {'no warning' if n_warn == 0 else f'{n_warn} warning(s), see the log above'}")
             if cfg.eval.knn_after_training:
                 report = run_knn_report(trainer)
                 if report:
