@@ -3,7 +3,9 @@
 - ``dino``: :class:`DINOLoss`, the official DINO loss (drop-in), fused;
 - ``centering``: the EMA teacher center every centering loss shares (:class:`CenterEMA`,
   :func:`update_center`);
-- ``koleo``: the KoLeo regulariser of DINOv2.
+- ``koleo``: the KoLeo regulariser of DINOv2;
+- ``registry``: :data:`LOSSES`, each loss with its float64 definition and an example input (the
+  contract test checks every registered loss).
 """
 from dino_fast.losses.centering import CenterEMA, update_center
 from dino_fast.losses.dino import DINOLoss
