@@ -120,9 +120,11 @@ class TrainSection:
 
 @dataclass
 class EvalConfig:
-    """k-NN evaluation at the end of training."""
+    """k-NN (and linear-probe) evaluation at the end of training."""
 
     knn_after_training: bool = True
+    linear_after_training: bool = True  # also the linear probe (dino_fast.eval.linear), teacher and random init
+    linear_epochs: int = 100
     knn_k: tuple[int, ...] = (10, 20, 100, 200)
     knn_temperature: float = 0.07
     image_size: int = 224
@@ -178,6 +180,8 @@ class TrainConfig:
         ]:
             if not val > 0:
                 raise ConfigError(f"{key} must be > 0, got {val!r}")
+        if self.eval.linear_epochs < 1:
+            raise ConfigError(f"eval.linear_epochs must be >= 1, got {self.eval.linear_epochs}")
         if self.data.local_crops_number < 0:
             raise ConfigError(f"data.local_crops_number must be >= 0, got {self.data.local_crops_number}")
         if self.data.global_crops_number != 2:

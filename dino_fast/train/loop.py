@@ -52,6 +52,7 @@ from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_lo
 from dino_fast.data.builtin import ensure_builtin_dataset
 from dino_fast.eval.collapse import collapse_stats, diagnose
 from dino_fast.eval.knn import knn_eval_backbone, run_eval_roots
+from dino_fast.eval.linear import linear_eval_backbone
 from dino_fast.methods import Method, StepOutput, build_backbone, build_method
 from dino_fast.ops.ema import NonFiniteEMAError, TeacherEMA
 from dino_fast.train.optim import build_adamw, cancel_gradients_last_layer, clip_gradients
@@ -613,6 +614,37 @@ def run_knn_report(trainer: Trainer) -> dict[str, Any]:
     return report
 
 
+def run_linear_report(trainer: Trainer) -> dict[str, Any]:
+    """Linear-probe top-1/top-5 (:func:`dino_fast.eval.linear.linear_eval_backbone`: frozen
+    backbone, last block's CLS, SGD with a cosine schedule and a held-out lr choice) of the
+    trained teacher and of the random-init twin :func:`run_knn_report` uses, on the same splits;
+    ``{}`` when there is no image-folder val split."""
+    cfg = trainer.cfg
+    roots = run_eval_roots(cfg)
+    if roots is None or roots[0].suffix == ".beton":
+        return {}
+    train_root, val_root = roots
+    kw = dict(image_size=cfg.eval.image_size, resize_size=cfg.eval.resize_size, batch_size=cfg.eval.batch_size,
+              num_workers=cfg.data.num_workers, device=trainer.device, epochs=cfg.eval.linear_epochs,
+              seed=cfg.train.seed)
+    report: dict[str, Any] = {"teacher": linear_eval_backbone(trainer.method.teacher.backbone, train_root,
+                                                              val_root, **kw)}
+    if cfg.eval.compare_random_init:
+        torch.manual_seed(cfg.train.seed + 12345)  # the same twin as run_knn_report's
+        random_backbone = build_backbone(cfg, teacher=True).to(trainer.device)
+        report["random_init"] = linear_eval_backbone(random_backbone, train_root, val_root, **kw)
+    return report
+
+
+def _print_linear_report(report: dict[str, Any]) -> None:
+    print("linear probe on the val split (frozen backbone, last-block CLS):")
+    for name, res in report.items():
+        print(f"  {name:<12} top1 {res['top1']:.1f} top5 {res['top5']:.1f} (lr {res['lr']:g}, {res['epochs']} epochs)")
+    if "teacher" in report and "random_init" in report:
+        gain = report["teacher"]["top1"] - report["random_init"]["top1"]
+        print(f"  teacher vs random init: {gain:+.1f} points top-1")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``dino-fast train --config configs/X.yaml [key=value ...]``; returns the exit code."""
     parser = argparse.ArgumentParser(prog="dino-fast train", description=__doc__.split("\n")[0])
@@ -642,6 +674,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 if report:
                     _print_knn_report(report)
                     (trainer.out_dir / "knn.json").write_text(json.dumps(report, indent=2))
+                if report and cfg.eval.linear_after_training:
+                    linear = run_linear_report(trainer)
+                    if linear:
+                        _print_linear_report(linear)
+                        (trainer.out_dir / "linear.json").write_text(json.dumps(linear, indent=2))
             print(f"total time {time.perf_counter() - t0:.1f} s")
         return 0
     except TrainingInterrupted as e:

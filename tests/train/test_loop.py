@@ -1,4 +1,5 @@
 """End-to-end CPU training: finite losses, checkpoints, exact resume, non-finite stop, CLI."""
+import json
 import math
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 from dino_fast.train.loop import NonFiniteLossError, Trainer, main
 from dino_fast.utils import checkpoint as ck
-from tests._train_utils import read_losses, tiny_config
+from tests._train_utils import read_losses, tiny_config, write_config
 
 
 def _weights(path):
@@ -92,6 +93,29 @@ def test_knn_report_after_training_on_a_custom_folder(data_root, tmp_path):
     for res in report.values():
         # val == train here: the nearest neighbour of every image is itself
         assert res["1"]["top1"] == 100.0
+
+
+def test_linear_report_beside_knn(data_root, tmp_path, capsys):
+    """The end-of-training linear probe: teacher and the same random-init twin as the k-NN, and
+    `dino-fast train` prints it and writes linear.json."""
+    from dino_fast.train.loop import run_linear_report
+
+    args = ["train.max_iters=1", f"data.val_root={data_root}", "eval.knn_k=[1]", "eval.image_size=32",
+            "eval.resize_size=32", "eval.linear_epochs=20"]
+    tr = Trainer(tiny_config(data_root, tmp_path / "a", *args))
+    tr.fit()
+    report = run_linear_report(tr)
+    assert set(report) == {"teacher", "random_init"}
+    for res in report.values():
+        assert 0 <= res["top1"] <= 100 and res["top5"] == 100.0  # 3 classes: top-5 covers all
+        assert res["epochs"] == 20 and res["lr"] > 0
+    assert run_linear_report(Trainer(tiny_config(data_root, tmp_path / "b", "train.max_iters=1"))) == {}
+    out = tmp_path / "c"
+    cfg_path = write_config(tiny_config(data_root, out, *args, "eval.knn_after_training=true"), tmp_path / "c.yaml")
+    assert main(["--config", str(cfg_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "linear probe on the val split" in printed and "collapse check:" in printed
+    assert set(json.loads((out / "linear.json").read_text())) == {"teacher", "random_init"}
 
 
 def test_colour_augmentation_comes_from_the_config(data_root, tmp_path):
