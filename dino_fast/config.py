@@ -78,6 +78,9 @@ class LossConfig:
     center_momentum: float = 0.9
     backend: str = "auto"  # auto | triton | torch | reference
     async_center: bool = False
+    # teacher targets: "center" (DINO: softmax((T - c) / tau_t), EMA center) or "sinkhorn_knopp"
+    # (DINOv2: 3 Sinkhorn-Knopp iterations over the global batch, no center)
+    centering: str = "center"
     koleo_weight: float = 0.0  # DINOv2's KoLeo term on the student's global-crop CLS features (DINOv2: 0.1)
 
 
@@ -164,6 +167,7 @@ class TrainConfig:
         _choice("model.arch", self.model.arch, backbone_names())
         _choice("model.attn_backend", self.model.attn_backend, ("auto", "xformers", "sdpa", "math"))
         _choice("data.backend", self.data.backend, ("auto", "ffcv", "folder"))
+        _choice("loss.centering", self.loss.centering, ("center", "sinkhorn_knopp"))
         _choice("loss.backend", self.loss.backend, ("auto", "triton", "torch", "cpu", "reference"))
         _choice("optim.ema_backend", self.optim.ema_backend, ("auto", "triton", "torch", "cpu", "reference"))
         _choice("optim.clip_mode", self.optim.clip_mode, ("per_param", "global"))

@@ -4,7 +4,9 @@ Student and teacher are :class:`~dino_fast.models.MultiCropWrapper` s (backbone 
 the teacher sees the global crops, the student every crop; the loss is the official
 :class:`~dino_fast.losses.DINOLoss` (centered, sharpened teacher; all pairs of a teacher crop and
 a different student crop). ``loss.koleo_weight > 0`` adds DINOv2's KoLeo term on the student's
-global-crop CLS features (one term per global crop, per rank, as DINOv2).
+global-crop CLS features (one term per global crop, per rank, as DINOv2);
+``loss.centering: sinkhorn_knopp`` replaces the centered teacher softmax by DINOv2's
+Sinkhorn-Knopp targets (:mod:`dino_fast.losses.sinkhorn`; the center then stays unused).
 
 Loss terms: ``dino`` (weight 1) and, with KoLeo, ``koleo`` (weight ``loss.koleo_weight``).
 Method state: ``dino_loss.center``.
@@ -13,15 +15,18 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import torch
 from torch import Tensor, nn
 
 from dino_fast.config import TrainConfig
 from dino_fast.losses.dino import DINOLoss
 from dino_fast.losses.koleo import koleo_loss
+from dino_fast.losses.sinkhorn import sinkhorn_knopp_log_targets
 from dino_fast.methods.base import LossTerm, Method, StepOutput, build_backbone
 from dino_fast.methods.registry import register_method
 from dino_fast.models.heads import DINOHead
 from dino_fast.models.multicrop import MultiCropWrapper
+from dino_fast.ops.soft_ce.function import dino_loss
 
 __all__ = ["DINO", "build_student_teacher"]
 
@@ -59,6 +64,7 @@ class DINO(Method):
         self.n_global = cfg.data.global_crops_number
         ncrops = cfg.data.global_crops_number + cfg.data.local_crops_number
         self.koleo_weight = float(cfg.loss.koleo_weight)
+        self.centering = cfg.loss.centering
         self._last_teacher_features: Optional[Tensor] = None
         self.dino_loss = DINOLoss(
             cfg.model.out_dim, ncrops, cfg.loss.warmup_teacher_temp, cfg.loss.teacher_temp,
@@ -76,7 +82,10 @@ class DINO(Method):
             else:
                 student_out = self.student_forward(crops)
         B = crops[0].shape[0]
-        terms = {"dino": LossTerm(self.dino_loss(student_out, teacher_out, epoch), 1.0)}
+        if self.centering == "sinkhorn_knopp":
+            terms = {"dino": LossTerm(self._sinkhorn_dino_loss(student_out, teacher_out, epoch), 1.0)}
+        else:
+            terms = {"dino": LossTerm(self.dino_loss(student_out, teacher_out, epoch), 1.0)}
         if self.koleo_weight > 0:  # DINOv2: one KoLeo term per global crop, on the backbone CLS features
             n_rows = self.n_global * B
             koleo = sum(koleo_loss(f) for f in student_features[:n_rows].chunk(self.n_global))
@@ -84,6 +93,15 @@ class DINO(Method):
         out = StepOutput(terms, {"student_output": (student_out, B), "teacher_output": (teacher_out, B)})
         self._last_teacher_features = teacher_features
         return out
+
+    def _sinkhorn_dino_loss(self, student_out: Tensor, teacher_out: Tensor, epoch: int) -> Tensor:
+        """The DINO pair loss with Sinkhorn-Knopp teacher targets Q (DINOv2): the fused op reads
+        ``log Q`` as teacher logits at temperature 1 with a zero center, so its teacher softmax
+        returns Q (each row of Q sums to 1)."""
+        logq = sinkhorn_knopp_log_targets(teacher_out.detach(), self.dino_loss.teacher_temp_at(epoch))
+        zero = torch.zeros(logq.shape[1], dtype=torch.float32, device=logq.device)
+        return dino_loss(student_out, logq, zero, ncrops=self.dino_loss.ncrops, student_temp=self.dino_loss.student_temp,
+                         teacher_temp=1.0, backend=self.dino_loss.backend, n_teacher=self.dino_loss.n_teacher)
 
     def collapse_inputs(self, out: StepOutput, epoch: int) -> Optional[dict[str, Any]]:
         """Teacher and student head outputs of the step, the loss center, the temperatures and
