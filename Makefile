@@ -60,13 +60,16 @@ test-oldest:
 	$(OLDEST_BIN)/python -c "import triton; assert triton.__version__ == '$(TRITON_OLDEST)', triton.__version__"
 	$(OLDEST_BIN)/python -m pytest tests
 
-# Drift on purpose: the same suite against the newest releases (torch stays TORCH_SPEC: the CPU
-# build on disk; set TORCH_SPEC to try another).
+# Drift on purpose: the same suite against the newest releases of everything but torch, which
+# stays TORCH_SPEC (a constraint: the eager upgrade would otherwise pull the newest CUDA build,
+# GBs); set TORCH_SPEC to try another torch.
 test-latest:
 	test -x $(LATEST_BIN)/python || $(PY) -m venv $(LATEST_VENV)
+	echo "$(TORCH_SPEC)" > $(LATEST_VENV)/torch-constraint.txt
 	$(LATEST_BIN)/pip install -q --upgrade pip setuptools wheel
-	$(LATEST_BIN)/pip install -q "$(TORCH_SPEC)"
-	$(LATEST_BIN)/pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	PIP_CONSTRAINT=$(abspath $(LATEST_VENV))/torch-constraint.txt $(LATEST_BIN)/pip install -q "$(TORCH_SPEC)"
+	PIP_CONSTRAINT=$(abspath $(LATEST_VENV))/torch-constraint.txt $(LATEST_BIN)/pip install -q --upgrade \
+		--upgrade-strategy eager -e ".[$(EXTRAS)]"
 	$(LATEST_BIN)/python -m pytest tests
 
 # Rewrite the constraints from the test-latest venv (after `make test-latest` passed).
