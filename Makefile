@@ -22,7 +22,7 @@ TRITON_OLDEST ?= 3.7.0
 OLDEST_VENV ?= .venv-oldest
 OLDEST_BIN := $(OLDEST_VENV)/bin
 
-# `make test-latest`: the newest release of every dependency, no constraints, its own venv.
+# `make test-latest`: the newest release of every dependency but torch (TORCH_SPEC), its own venv.
 LATEST_VENV ?= .venv-latest
 LATEST_BIN := $(LATEST_VENV)/bin
 
