@@ -139,6 +139,15 @@ def build_models(setup: StepSetup, attn_backend: str) -> tuple[nn.Module, nn.Mod
     return student, teacher
 
 
+def set_schedule_values(optimizer: torch.optim.Optimizer, setup: "StepSetup") -> None:
+    """The learning rate and weight decay every side uses (the schedules' values at some step):
+    lr 5e-4 x batch / 256 on every group, weight decay 0.04 on the ``regularized`` group."""
+    for group in optimizer.param_groups:
+        group["lr"] = 5e-4 * setup.batch / 256
+        if group.get("name") == "regularized":
+            group["weight_decay"] = 0.04
+
+
 def make_optimizer(params: list[dict], variant: str) -> torch.optim.Optimizer:
     """AdamW over ``params`` (param groups): ``"default"`` (torch's choice, as the official code
     builds it), ``"foreach"``, ``"fused"`` or ``"apex"`` (NVIDIA apex ``FusedAdam(adam_w_mode=True)``,
@@ -207,10 +216,7 @@ class StepSide:
             self.clip = lambda: clip_gradients(params, setup.clip)
         self.ema: Callable[[float], None] = ema
         self.optimizer = make_optimizer(param_groups(self.student), self.optimizer_variant)
-        for group in self.optimizer.param_groups:  # schedules' values at some step: same on both sides
-            group["lr"] = 5e-4 * setup.batch / 256
-            if group.get("name") == "regularized":
-                group["weight_decay"] = 0.04
+        set_schedule_values(self.optimizer, setup)
 
     def _autocast(self) -> Any:
         import contextlib
@@ -308,9 +314,7 @@ class TrainerSide:
         self.trainer = Trainer(load_config(None, overrides))
         self.trainer.method.student.load_state_dict(state_dict)
         self.trainer.method.teacher.load_state_dict(state_dict)
-        for group in self.trainer.optimizer.param_groups:  # the other sides' schedule values
-            group["lr"] = 5e-4 * setup.batch / 256
-            group["weight_decay"] = 0.04 if group.get("name") == "regularized" else group["weight_decay"]
+        set_schedule_values(self.trainer.optimizer, setup)
         self.student = self.trainer.method.student
         self.optimizer_variant = type(self.trainer.optimizer).__name__ + (
             " fused" if self.trainer.optimizer.defaults.get("fused") else
@@ -425,10 +429,7 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
 
         ours.optimizer_variant = ours_optimizer
         ours.optimizer = make_optimizer(param_groups(ours.student), ours_optimizer)
-        for group in ours.optimizer.param_groups:
-            group["lr"] = 5e-4 * setup.batch / 256
-            if group.get("name") == "regularized":
-                group["weight_decay"] = 0.04
+        set_schedule_values(ours.optimizer, setup)
     crops = make_crops(setup)
     import tempfile
 

@@ -103,6 +103,28 @@ def knn_classify(
     return {"top1": 100.0 * top1 / m, "top5": 100.0 * top5 / m}
 
 
+def eval_loaders(
+    train_root: str | Path, val_root: str | Path, *, image_size: int, resize_size: Optional[int],
+    batch_size: int, num_workers: int,
+) -> tuple[list[Any], list[str]]:
+    """The evaluation loaders of a train and a val image folder and their classes.
+
+    Returns ``([train_loader, val_loader], classes)`` (``classes`` empty when the dataset does not
+    name them).
+
+    Raises:
+        ValueError: the two folders name different classes.
+    """
+    loaders = [build_eval_loader(str(r), image_size=image_size, resize_size=resize_size,
+                                 batch_size=batch_size, num_workers=num_workers)
+               for r in (train_root, val_root)]
+    train_classes = list(getattr(loaders[0].dataset, "classes", []))
+    val_classes = list(getattr(loaders[1].dataset, "classes", []))
+    if train_classes and val_classes and train_classes != val_classes:
+        raise ValueError(f"train and val folders have different classes: {train_classes} vs {val_classes}")
+    return loaders, train_classes
+
+
 def knn_eval_backbone(
     backbone: nn.Module,
     train_root: str | Path,
@@ -122,13 +144,8 @@ def knn_eval_backbone(
     """
 
     device = torch.device(device)
-    loaders = [build_eval_loader(str(r), image_size=image_size, resize_size=resize_size,
-                                 batch_size=batch_size, num_workers=num_workers)
-               for r in (train_root, val_root)]
-    train_classes = list(getattr(loaders[0].dataset, "classes", []))
-    val_classes = list(getattr(loaders[1].dataset, "classes", []))
-    if train_classes and val_classes and train_classes != val_classes:
-        raise ValueError(f"train and val folders have different classes: {train_classes} vs {val_classes}")
+    loaders, train_classes = eval_loaders(train_root, val_root, image_size=image_size, resize_size=resize_size,
+                                          batch_size=batch_size, num_workers=num_workers)
     train_f, train_y = extract_features(backbone, loaders[0], device)
     val_f, val_y = extract_features(backbone, loaders[1], device)
     num_classes = len(train_classes) or None

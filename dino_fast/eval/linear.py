@@ -39,8 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dino_fast.data import build_eval_loader
-from dino_fast.eval.knn import eval_roots_for, load_backbone_from_checkpoint
+from dino_fast.eval.knn import eval_loaders, eval_roots_for, load_backbone_from_checkpoint
 
 __all__ = [
     "LR_GRID",
@@ -435,13 +434,8 @@ def linear_eval_backbone(
     """
     probe_batch = train_kw.pop("probe_batch_size", 256)
     device = torch.device(device)
-    loaders = [build_eval_loader(str(r), image_size=image_size, resize_size=resize_size,
-                                 batch_size=batch_size, num_workers=num_workers)
-               for r in (train_root, val_root)]
-    train_classes = list(getattr(loaders[0].dataset, "classes", []))
-    val_classes = list(getattr(loaders[1].dataset, "classes", []))
-    if train_classes and val_classes and train_classes != val_classes:
-        raise ValueError(f"train and val folders have different classes: {train_classes} vs {val_classes}")
+    loaders, train_classes = eval_loaders(train_root, val_root, image_size=image_size, resize_size=resize_size,
+                                          batch_size=batch_size, num_workers=num_workers)
     if train_classes and len(train_classes) < 2:
         raise ValueError(f"a linear probe needs at least 2 classes; {train_root} has {len(train_classes)}: "
                          f"{train_classes}")
