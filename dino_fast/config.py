@@ -113,6 +113,12 @@ class TrainSection:
     saveckp_freq: int = 20  # keep a numbered copy every N epochs (the latest is always kept)
     checkpoint_every_iters: int = 0  # also checkpoint every N iterations (0: epoch ends only)
     max_iters: int = 0  # stop after this many iterations in total (0: run all epochs)
+    # the run's length in iterations whatever the data size (0: train.epochs epochs). The trainer
+    # then runs ceil(iterations / iterations per epoch) epochs (train.epochs is replaced by that
+    # number, also for the per-epoch schedules of the method) and stops after `iterations`; the lr,
+    # weight-decay and teacher-momentum cosines end exactly there, and the lr warm-up lasts
+    # min(optim.warmup_epochs epochs, iterations / 4)
+    iterations: int = 0
     log_every: int = 10
     check_finite: bool = True
     progress: bool = True
@@ -184,6 +190,8 @@ class TrainConfig:
         ]:
             if not val > 0:
                 raise ConfigError(f"{key} must be > 0, got {val!r}")
+        if self.train.iterations < 0:
+            raise ConfigError(f"train.iterations must be >= 0 (0: train.epochs decides), got {self.train.iterations}")
         if self.eval.linear_epochs < 1:
             raise ConfigError(f"eval.linear_epochs must be >= 1, got {self.eval.linear_epochs}")
         if self.data.local_crops_number < 0:

@@ -29,6 +29,7 @@ The test-only fault-injection hook is documented in :mod:`dino_fast.utils.checkp
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import logging
@@ -98,6 +99,33 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def iteration_schedules(cfg: TrainConfig, base_lr: float, niter_per_epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The lr, weight-decay and teacher-momentum schedules of a run of ``cfg.train.iterations`` iterations.
+
+    Each cosine ends exactly at ``T = cfg.train.iterations`` (its first ``T`` values are
+    :func:`cosine_scheduler` over ``T`` one-iteration steps); the lr warm-up lasts
+    ``min(optim.warmup_epochs * niter_per_epoch, T // 4)`` iterations. The arrays are padded with
+    their last value to ``cfg.train.epochs * niter_per_epoch`` (the derived whole epochs) so that
+    indexing by iteration never falls off; the trainer stops at ``T``.
+
+    Returns:
+        three float64 arrays of shape ``(cfg.train.epochs * niter_per_epoch,)``.
+    """
+    T = cfg.train.iterations
+    if T <= 0:
+        raise ValueError(f"train.iterations must be > 0 here, got {T}")
+    length = max(cfg.train.epochs * niter_per_epoch, T)
+    warmup = min(cfg.optim.warmup_epochs * niter_per_epoch, T // 4)
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, np.full(length - T, a[-1])])
+
+    o = cfg.optim
+    return (pad(cosine_scheduler(base_lr, o.min_lr, T, 1, warmup_epochs=warmup)),
+            pad(cosine_scheduler(o.weight_decay, o.weight_decay_end, T, 1)),
+            pad(cosine_scheduler(o.momentum_teacher, o.momentum_teacher_end, T, 1)))
+
+
 # --------------------------------------------------------------------------------------------
 # the trainer
 # --------------------------------------------------------------------------------------------
@@ -148,6 +176,13 @@ class Trainer:
                 f"the training set at {root} gives 0 batches of {cfg.data.batch_size_per_gpu} per rank "
                 f"over {self.dist.world_size} rank(s): it needs at least batch_size_per_gpu x world_size images"
             )
+        if cfg.train.iterations > 0:  # the run's length in iterations: derive the epochs from the data size
+            epochs = -(-cfg.train.iterations // self.niter_per_epoch)
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=epochs))
+            self.cfg = cfg
+            if self.dist.is_main:
+                log.info("train.iterations=%d at %d iterations per epoch: %d epoch(s)",
+                         cfg.train.iterations, self.niter_per_epoch, epochs)
         self.augment = MultiCropAugment(
             local_crops_number=cfg.data.local_crops_number, blur_sigma=tuple(cfg.data.blur_sigma),
             jitter_p=cfg.data.jitter_p, brightness=cfg.data.color_jitter[0], contrast=cfg.data.color_jitter[1],
@@ -177,9 +212,12 @@ class Trainer:
         self.optimizer = build_adamw(self.method.student)
         n = self.niter_per_epoch
         e = cfg.train.epochs
-        self.lr_schedule = cosine_scheduler(self.base_lr, cfg.optim.min_lr, e, n, warmup_epochs=cfg.optim.warmup_epochs)
-        self.wd_schedule = cosine_scheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, e, n)
-        self.momentum_schedule = cosine_scheduler(cfg.optim.momentum_teacher, cfg.optim.momentum_teacher_end, e, n)
+        if cfg.train.iterations > 0:
+            self.lr_schedule, self.wd_schedule, self.momentum_schedule = iteration_schedules(cfg, self.base_lr, n)
+        else:
+            self.lr_schedule = cosine_scheduler(self.base_lr, cfg.optim.min_lr, e, n, warmup_epochs=cfg.optim.warmup_epochs)
+            self.wd_schedule = cosine_scheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, e, n)
+            self.momentum_schedule = cosine_scheduler(cfg.optim.momentum_teacher, cfg.optim.momentum_teacher_end, e, n)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.start_epoch = 0
@@ -493,6 +531,8 @@ class Trainer:
                      self.niter_per_epoch, self.precision)
             (self.out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         total = cfg.train.epochs * self.niter_per_epoch
+        if cfg.train.iterations > 0:
+            total = min(total, cfg.train.iterations)
         if cfg.train.max_iters > 0:
             total = min(total, cfg.train.max_iters)
         bar = tqdm(total=total, initial=self.iteration, disable=not (cfg.train.progress and self.dist.is_main),
@@ -667,6 +707,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log.info("trained %d iterations (%d in this run) in %.1f s, last loss %.4f; output in %s",
                      summary["iterations"], summary["iterations_run"], time.perf_counter() - t0,
                      summary["last_loss"], summary["output_dir"])
+            (trainer.out_dir / "summary.json").write_text(json.dumps(
+                {**{k: summary[k] for k in ("iterations", "iterations_run", "last_loss", "collapse_warnings")},
+                 "train_seconds": round(time.perf_counter() - t0, 1)}, indent=2))
             n_warn = len(summary["collapse_warnings"])
             print(f"collapse check: {'no warning' if n_warn == 0 else f'{n_warn} warning(s), see the log above'}")
             if cfg.eval.knn_after_training:

@@ -186,3 +186,31 @@ def test_teacher_momentum_schedule_ends_at_the_configured_value(data_root, tmp_p
     assert short.momentum_schedule[-1] == pytest.approx(0.95, abs=1e-3)
     e, per = official.cfg.train.epochs, n // official.cfg.train.epochs
     assert list(short.momentum_schedule) == list(cosine_scheduler(0.9, 0.95, e, per))
+
+
+def test_train_iterations_sets_the_run_length_whatever_the_data_size(data_root, tmp_path):
+    """train.iterations=T: ceil(T / iterations per epoch) epochs, T iterations, cosines ending at T."""
+    tr = Trainer(tiny_config(data_root, tmp_path / "a", "train.iterations=5", "optim.warmup_epochs=1",
+                             "train.epochs=1"))
+    n = tr.niter_per_epoch
+    assert tr.cfg.train.epochs == -(-5 // n)
+    assert len(tr.lr_schedule) == max(tr.cfg.train.epochs * n, 5)
+    assert tr.lr_schedule[min(n, 5 // 4)] == pytest.approx(tr.base_lr)  # warm-up: min(1 epoch, 5 // 4) iterations
+    assert tr.lr_schedule[4] == pytest.approx(tr.cfg.optim.min_lr + 0.5 * (tr.base_lr - tr.cfg.optim.min_lr)
+                                              * (1 + math.cos(math.pi * (4 - 5 // 4) / (5 - 5 // 4))))
+    s = tr.fit()
+    assert s["iterations"] == 5
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["epochs"] == tr.cfg.train.epochs
+    # resumed in two parts: the same five losses
+    Trainer(tiny_config(data_root, tmp_path / "b", "train.iterations=5", "optim.warmup_epochs=1",
+                        "train.max_iters=3")).fit()
+    s2 = Trainer(tiny_config(data_root, tmp_path / "b", "train.iterations=5", "optim.warmup_epochs=1")).fit()
+    assert s2["iterations"] == 5 and s2["iterations_run"] == 2
+    assert read_losses(tmp_path / "a") == read_losses(tmp_path / "b")
+
+
+def test_train_iterations_must_not_be_negative():
+    from dino_fast.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="train.iterations must be >= 0"):
+        load_config(None, ["train.iterations=-1"])

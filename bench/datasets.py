@@ -1,0 +1,219 @@
+"""Image sets the small-data recipe was not built on, written as ``train/<class>/`` and ``val/<class>/`` folders.
+
+``python -m bench.learning`` trains on each of them with nothing but the data paths set. They
+differ from the built-in dataset (procedural shapes times textures, 64 px, grey) and from each
+other in source, size, colour and what separates the classes:
+
+============  =======================================================  =======  ======  =========
+name          images                                                   size     colour  train/val
+============  =======================================================  =======  ======  =========
+``digits``    scikit-learn's handwritten digits (UCI optdigits test     8 -> 32  grey    899/898
+              set, 1797 images, 10 classes), split by index parity      px
+``glyphs``    the letters A-J rendered from the 21 text faces that     32 px    grey    3000/1000
+              matplotlib ships (DejaVu, STIX, Computer Modern), random
+              size, rotation, offset, stroke level, noisy background;
+              train and val draw from disjoint faces (unseen typefaces)
+``photos``    48 px patches of 10 photographs that scikit-image ships  48 px    colour  2000/600
+              (astronaut, brick, camera, cat, coffee, coins, grass,
+              gravel, Hubble deep field, rocket); the class is the
+              photograph; train patches come from the left 70 % of
+              each photograph, val patches from the right 30 %
+============  =======================================================  =======  ======  =========
+
+``photos`` is the held-out set: no recipe decision was made on it (docs/NOTEBOOK.md, issue 17).
+Every set is deterministic (``numpy.random.default_rng`` seeded by name, class and index) and
+written once: a folder that already holds a complete copy (a ``.complete`` marker with the same
+format version) is reused.
+
+scikit-learn and scikit-image are the ``bench`` extra (``pip install -e '.[bench]'``); matplotlib
+(its fonts) is a ``dev`` dependency.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+__all__ = ["SETS", "HELD_OUT", "build", "build_digits", "build_glyphs", "build_photos"]
+
+FORMAT = 2
+HELD_OUT = "photos"
+LETTERS = "ABCDEFGHIJ"
+PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
+          "hubble_deep_field", "rocket")
+# text faces only: the symbol faces (cmex, cmsy, cmmi, STIXSiz*, STIXNonUni*) and the DejaVu
+# Display faces have no Latin capitals or draw them as math symbols
+FACES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
+         "DejaVuSansMono.ttf", "DejaVuSansMono-Bold.ttf",
+         "DejaVuSansMono-Oblique.ttf", "DejaVuSansMono-BoldOblique.ttf", "DejaVuSerif.ttf",
+         "DejaVuSerif-Bold.ttf", "DejaVuSerif-Italic.ttf", "DejaVuSerif-BoldItalic.ttf",
+         "STIXGeneral.ttf", "STIXGeneralBol.ttf", "STIXGeneralItalic.ttf",
+         "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf", "cmb10.ttf")
+VAL_FACES = ("DejaVuSans-BoldOblique.ttf", "DejaVuSansMono.ttf", "DejaVuSerif-Italic.ttf",
+             "STIXGeneralBol.ttf", "cmss10.ttf")
+
+
+def _rng(*key: int | str) -> np.random.Generator:
+    return np.random.default_rng([abs(hash_str(k)) if isinstance(k, str) else k for k in key])
+
+
+def hash_str(s: str) -> int:
+    """A stable 31-bit hash of ``s`` (Python's ``hash`` of a str changes between processes)."""
+    h = 0
+    for ch in s.encode():
+        h = (h * 131 + ch) % 2_147_483_647
+    return h
+
+
+def _write(root: Path, items: Iterator[tuple[str, str, int, Image.Image]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for split, cls, idx, img in items:
+        d = root / split / cls
+        d.mkdir(parents=True, exist_ok=True)
+        img.save(d / f"{idx:05d}.png")
+        counts[split] = counts.get(split, 0) + 1
+    return counts
+
+
+def _complete(root: Path) -> bool:
+    marker = root / ".complete"
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("format") == FORMAT
+    except ValueError:
+        return False
+
+
+def _finish(root: Path, name: str, counts: dict[str, int]) -> None:
+    (root / ".complete").write_text(json.dumps({"format": FORMAT, "name": name, **counts}))
+
+
+def _digits_items() -> Iterator[tuple[str, str, int, Image.Image]]:
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the 'digits' set needs scikit-learn: pip install -e '.[bench]'") from e
+    d = load_digits()
+    for i, (x, y) in enumerate(zip(d.images, d.target)):
+        a = np.clip(x / 16.0 * 255.0, 0, 255).astype(np.uint8)
+        img = Image.fromarray(a, mode="L").resize((32, 32), Image.BILINEAR)
+        yield ("train" if i % 2 == 0 else "val"), str(int(y)), i, img
+
+
+def _fonts_dir() -> Path:
+    try:
+        import matplotlib
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("the 'glyphs' set needs matplotlib's fonts: pip install matplotlib") from e
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf"
+
+
+def _glyph(letter: str, font_path: Path, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    big = size * 4
+    bg = int(rng.integers(150, 256))
+    fg = int(rng.integers(0, max(bg - 100, 1)))
+    canvas = Image.new("L", (big, big), color=bg)
+    font = ImageFont.truetype(str(font_path), size=int(big * rng.uniform(0.5, 0.8)))
+    draw = ImageDraw.Draw(canvas)
+    l, t, r, b = draw.textbbox((0, 0), letter, font=font)
+    w, h = r - l, b - t
+    cx = big / 2 + rng.uniform(-0.12, 0.12) * big
+    cy = big / 2 + rng.uniform(-0.12, 0.12) * big
+    draw.text((cx - w / 2 - l, cy - h / 2 - t), letter, fill=fg, font=font)
+    canvas = canvas.rotate(float(rng.uniform(-20, 20)), resample=Image.BILINEAR, fillcolor=bg)
+    img = canvas.resize((size, size), Image.LANCZOS)
+    noise = rng.normal(0, rng.uniform(2, 12), (size, size))
+    a = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).astype(np.uint8)
+    return Image.fromarray(a, mode="L")
+
+
+def _glyph_items(train_per_class: int = 300, val_per_class: int = 100) -> Iterator[tuple[str, str, int, Image.Image]]:
+    fonts = _fonts_dir()
+    missing = [f for f in FACES if not (fonts / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"matplotlib's font folder {fonts} lacks {missing}")
+    train_faces = [f for f in FACES if f not in VAL_FACES]
+    for split, faces, n in (("train", train_faces, train_per_class), ("val", list(VAL_FACES), val_per_class)):
+        for ci, letter in enumerate(LETTERS):
+            for i in range(n):
+                rng = _rng("glyphs", split, ci, i)
+                face = faces[int(rng.integers(len(faces)))]
+                yield split, letter, i, _glyph(letter, fonts / face, rng)
+
+
+def _photo(name: str) -> np.ndarray:
+    try:
+        from skimage import data as skdata
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("the 'photos' set needs scikit-image: pip install -e '.[bench]'") from e
+    a = np.asarray(getattr(skdata, name)())
+    if a.ndim == 2:
+        a = np.stack([a] * 3, axis=-1)
+    return a[..., :3].astype(np.uint8)
+
+
+def _photo_items(train_per_class: int = 200, val_per_class: int = 60, size: int = 48) -> Iterator[tuple[str, str, int, Image.Image]]:
+    for ci, name in enumerate(PHOTOS):
+        a = _photo(name)
+        H, W = a.shape[:2]
+        cut = int(W * 0.7)
+        for split, (x0, x1), n in (("train", (0, cut), train_per_class), ("val", (cut, W), val_per_class)):
+            for i in range(n):
+                rng = _rng("photos", split, ci, i)
+                side = int(min(H, x1 - x0) * rng.uniform(0.12, 0.35))
+                side = max(side, 16)
+                y = int(rng.integers(0, H - side + 1))
+                x = int(rng.integers(x0, x1 - side + 1))
+                patch = Image.fromarray(a[y:y + side, x:x + side]).resize((size, size), Image.BILINEAR)
+                if rng.random() < 0.5:
+                    patch = patch.transpose(Image.FLIP_LEFT_RIGHT)
+                if rng.random() < 0.3:
+                    patch = patch.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.3, 1.0))))
+                yield split, f"{ci:02d}-{name}", i, patch
+
+
+def _build(name: str, root: Path, items: Callable[[], Iterator[tuple[str, str, int, Image.Image]]]) -> Path:
+    root = Path(root)
+    if _complete(root):
+        return root
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    counts = _write(tmp, items())
+    _finish(tmp, name, counts)
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return root
+
+
+def build_digits(root: Path) -> Path:
+    """Write the ``digits`` set under ``root`` (``train/``, ``val/``; 32x32 grey PNG) and return ``root``."""
+    return _build("digits", root, _digits_items)
+
+
+def build_glyphs(root: Path) -> Path:
+    """Write the ``glyphs`` set under ``root`` (32x32 grey PNG, val faces unseen in train) and return ``root``."""
+    return _build("glyphs", root, _glyph_items)
+
+
+def build_photos(root: Path) -> Path:
+    """Write the held-out ``photos`` set under ``root`` (48x48 RGB PNG) and return ``root``."""
+    return _build("photos", root, _photo_items)
+
+
+SETS: dict[str, Callable[[Path], Path]] = {"digits": build_digits, "glyphs": build_glyphs, "photos": build_photos}
+
+
+def build(name: str, cache_dir: Path) -> Path:
+    """Build (or reuse) set ``name`` in ``cache_dir/<name>`` and return that folder.
+
+    Raises:
+        KeyError: ``name`` is not one of :data:`SETS` (the message lists them).
+    """
+    if name not in SETS:
+        raise KeyError(f"unknown image set {name!r}; known: {sorted(SETS)}")
+    return SETS[name](Path(cache_dir) / name)
