@@ -26,7 +26,7 @@ OLDEST_BIN := $(OLDEST_VENV)/bin
 LATEST_VENV ?= .venv-latest
 LATEST_BIN := $(LATEST_VENV)/bin
 
-.PHONY: venv train test test-fast test-oldest test-latest lint bench constraints clean
+.PHONY: venv train test test-fast test-oldest test-latest lint bench learning constraints clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -80,6 +80,11 @@ constraints:
 
 bench: venv
 	$(BIN)/dino-fast bench all --quick
+
+# Does the default recipe learn on image sets nobody tuned it on (bench/learning.py; ~1 h on 2 cores).
+learning: venv
+	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(BIN)/pip install -q -e ".[$(EXTRAS),bench]"
+	$(BIN)/python -m bench.learning
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) $(LATEST_VENV) build *.egg-info

@@ -195,9 +195,9 @@ def build_digits(root: Path) -> Path:
     return _build("digits", root, _digits_items)
 
 
-def build_glyphs(root: Path) -> Path:
+def build_glyphs(root: Path, train_per_class: int = 300, val_per_class: int = 100) -> Path:
     """Write the ``glyphs`` set under ``root`` (32x32 grey PNG, val faces unseen in train) and return ``root``."""
-    return _build("glyphs", root, _glyph_items)
+    return _build("glyphs", root, lambda: _glyph_items(train_per_class, val_per_class))
 
 
 def build_photos(root: Path) -> Path:

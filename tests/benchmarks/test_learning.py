@@ -1,0 +1,76 @@
+"""bench/learning.py and bench/datasets.py: raw-pixel k-NN, the per-set bars, the glyph set."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import datasets, learning  # noqa: E402
+
+
+def _folder(root: Path, per_class: int, rng: np.random.Generator) -> None:
+    """Two classes told apart by which half of the image is bright, plus noise."""
+    for split in ("train", "val"):
+        for c in range(2):
+            d = root / split / f"c{c}"
+            d.mkdir(parents=True)
+            for i in range(per_class):
+                a = rng.integers(0, 60, (16, 16, 3))
+                if c == 0:
+                    a[:, :8] += 180
+                else:
+                    a[:, 8:] += 180
+                Image.fromarray(a.clip(0, 255).astype(np.uint8)).save(d / f"{i}.png")
+
+
+def test_raw_pixel_knn_separates_what_pixels_separate(tmp_path):
+    _folder(tmp_path, 6, np.random.default_rng(0))
+    res = learning.raw_pixel_knn(tmp_path / "train", tmp_path / "val", image_size=16, resize_size=16, k=5)
+    assert res["top1"] == 100.0
+
+
+def _run(seed, knn_t, knn_r, lin_t, lin_r, seconds=100.0, ent=3.0, warnings=()):
+    return {"seed": seed, "knn_teacher": knn_t, "knn_random": knn_r, "knn_gain": knn_t - knn_r,
+            "linear_teacher": lin_t, "linear_random": lin_r, "linear_gain": lin_t - lin_r,
+            "seconds": seconds, "teacher_entropy": ent, "ln_k": 5.0, "collapse_warnings": list(warnings)}
+
+
+def test_summary_bars():
+    kw = dict(min_gain=25.0, entropy_frac=0.8, max_seconds=600.0)
+    good = learning.summarise("s", [_run(0, 80, 50, 85, 55), _run(1, 78, 52, 83, 57)], {"top1": 79.5}, **kw)
+    assert all(good["bars"].values())
+    assert good["knn_gain"] == {"mean": 28.0, "std": pytest.approx(2.83, abs=0.01)}
+    assert not good["knn_at_or_above_raw_pixels"]  # 79.0 vs 79.5
+    bad = learning.summarise("s", [_run(0, 80, 50, 70, 55, seconds=700, ent=4.5, warnings=["epoch 3: x"])],
+                             {"top1": 60.0}, **kw)
+    assert bad["bars"] == {"no_collapse_warning": False, "teacher_entropy_below": False, "knn_gain": True,
+                           "linear_gain": False, "time": False}
+    assert bad["knn_at_or_above_raw_pixels"]
+
+
+def test_glyphs_are_letters_from_disjoint_faces(tmp_path):
+    root = datasets.build_glyphs(tmp_path / "g", train_per_class=3, val_per_class=2)
+    assert sorted(p.name for p in (root / "train").iterdir()) == list(datasets.LETTERS)
+    assert len(list((root / "val" / "A").iterdir())) == 2
+    img = np.asarray(Image.open(root / "train" / "A" / "00000.png"))
+    assert img.shape == (32, 32) and img.std() > 5  # a glyph, not a blank
+    assert not set(datasets.VAL_FACES) - set(datasets.FACES)
+    # written once: a second build reuses the folder
+    stamp = (root / ".complete").stat().st_mtime_ns
+    assert datasets.build_glyphs(root) == root and (root / ".complete").stat().st_mtime_ns == stamp
+
+
+def test_every_face_draws_every_letter():
+    fonts = datasets._fonts_dir()
+    for face in datasets.FACES:
+        for letter in datasets.LETTERS:
+            a = np.asarray(datasets._glyph(letter, fonts / face, np.random.default_rng(1)), dtype=float)
+            assert a.std() > 15, (face, letter)
+
+
+def test_unknown_set_is_named():
+    with pytest.raises(KeyError, match="unknown image set 'nope'; known"):
+        datasets.build("nope", Path("/nonexistent"))
