@@ -116,8 +116,8 @@ class TrainSection:
     # the run's length in iterations whatever the data size (0: train.epochs epochs). The trainer
     # then runs ceil(iterations / iterations per epoch) epochs (train.epochs is replaced by that
     # number, also for the per-epoch schedules of the method) and stops after `iterations`; the lr,
-    # weight-decay and teacher-momentum cosines end exactly there, and the lr warm-up lasts
-    # min(optim.warmup_epochs epochs, iterations / 4)
+    # weight-decay and teacher-momentum cosines end exactly there, and the lr warm-up and the
+    # last-layer freeze last min(optim.warmup_epochs / optim.freeze_last_layer epochs, iterations / 4)
     iterations: int = 0
     log_every: int = 10
     check_finite: bool = True

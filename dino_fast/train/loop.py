@@ -218,6 +218,11 @@ class Trainer:
             self.lr_schedule = cosine_scheduler(self.base_lr, cfg.optim.min_lr, e, n, warmup_epochs=cfg.optim.warmup_epochs)
             self.wd_schedule = cosine_scheduler(cfg.optim.weight_decay, cfg.optim.weight_decay_end, e, n)
             self.momentum_schedule = cosine_scheduler(cfg.optim.momentum_teacher, cfg.optim.momentum_teacher_end, e, n)
+        # the head's last layer gets no gradient for optim.freeze_last_layer epochs (it < F x n is
+        # the official epoch < F), at most a quarter of a train.iterations run
+        self.freeze_last_layer_iters = cfg.optim.freeze_last_layer * n
+        if cfg.train.iterations > 0:
+            self.freeze_last_layer_iters = min(self.freeze_last_layer_iters, cfg.train.iterations // 4)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.start_epoch = 0
@@ -469,7 +474,7 @@ class Trainer:
         if cfg.optim.clip_grad > 0:
             self.scaler.unscale_(self.optimizer)
             clip_gradients(self.method.student.parameters(), cfg.optim.clip_grad, cfg.optim.clip_mode)
-        cancel_gradients_last_layer(epoch, self.method.student, cfg.optim.freeze_last_layer)
+        cancel_gradients_last_layer(it, self.method.student, self.freeze_last_layer_iters)
         fault_point("mid_iteration", it)
         self.scaler.step(self.optimizer)  # skipped (and the scale lowered) when a gradient is inf/NaN
         self.scaler.update()

@@ -80,7 +80,9 @@ def clip_gradients(params: Iterable[torch.Tensor], clip: float, mode: str = "per
 
 def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
     """Set ``.grad = None`` on every parameter whose name contains ``last_layer`` while
-    ``epoch < freeze_last_layer`` (the official DINO rule); AdamW then leaves them untouched."""
+    ``epoch < freeze_last_layer`` (the official DINO rule); AdamW then leaves them untouched.
+    The trainer passes iterations for both (``it < freeze_last_layer epochs x iterations per
+    epoch`` is the same rule; see ``Trainer.freeze_last_layer_iters``)."""
     if epoch >= freeze_last_layer:
         return
     for name, p in model.named_parameters():

@@ -198,6 +198,7 @@ def test_train_iterations_sets_the_run_length_whatever_the_data_size(data_root, 
     assert tr.lr_schedule[min(n, 5 // 4)] == pytest.approx(tr.base_lr)  # warm-up: min(1 epoch, 5 // 4) iterations
     assert tr.lr_schedule[4] == pytest.approx(tr.cfg.optim.min_lr + 0.5 * (tr.base_lr - tr.cfg.optim.min_lr)
                                               * (1 + math.cos(math.pi * (4 - 5 // 4) / (5 - 5 // 4))))
+    assert tr.freeze_last_layer_iters == min(tr.cfg.optim.freeze_last_layer * n, 5 // 4)
     s = tr.fit()
     assert s["iterations"] == 5
     assert json.loads((tmp_path / "a" / "config.json").read_text())["train"]["epochs"] == tr.cfg.train.epochs
