@@ -36,9 +36,9 @@ from typing import Any, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# name -> overrides of configs/default.yaml. koleo03 is the default config (loss.koleo_weight=0.03);
-# "base" is the default without KoLeo. A variant may name its own dataset ("@data=DIR:TRAIN:VAL":
-# generated with TRAIN/VAL images per class and used both to train and to evaluate).
+# name -> overrides of configs/default.yaml. The sweep was run when the default was DINO's center
+# with KoLeo 0.03 (koleo03; "base" without KoLeo); the default has since changed (issue 17,
+# README). A variant may name its own dataset ("@data=DIR:TRAIN:VAL": generated with TRAIN/VAL images per class and used both to train and to evaluate).
 VARIANTS: dict[str, list[str]] = {
     "base": ["loss.koleo_weight=0"],
     "koleo10": ["loss.koleo_weight=0.1"],
