@@ -221,8 +221,15 @@ class Trainer:
         # the head's last layer gets no gradient for optim.freeze_last_layer epochs (it < F x n is
         # the official epoch < F), at most a quarter of a train.iterations run
         self.freeze_last_layer_iters = cfg.optim.freeze_last_layer * n
+        # collapse warnings once the lr warm-up is over (it >= W x n is the epoch >= W of epoch runs)
+        self.warmup_iters = cfg.optim.warmup_epochs * n
+        # the collapse check runs at the end of every epoch; in a train.iterations run at least
+        # ten times (every min(n, iterations // 10) iterations: a one-epoch run is checked too)
+        self.collapse_check_every = n
         if cfg.train.iterations > 0:
             self.freeze_last_layer_iters = min(self.freeze_last_layer_iters, cfg.train.iterations // 4)
+            self.warmup_iters = min(self.warmup_iters, cfg.train.iterations // 4)
+            self.collapse_check_every = min(n, max(1, cfg.train.iterations // 10))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
 
         self.start_epoch = 0
@@ -237,6 +244,7 @@ class Trainer:
         self.collapse_every_epoch = True  # collapse statistics at the last step of each epoch
         self._collapse_due = False
         self.last_collapse: Optional[dict[str, Any]] = None
+        self._bar_collapse = ""  # the last check's teacher entropy / ln K, for the progress bar
         self.collapse_warnings: list[tuple[int, str]] = []  # (epoch, warning) seen in this run
 
     @property
@@ -489,10 +497,11 @@ class Trainer:
         self.method.after_step(it)
         return loss_value
 
-    def _report_collapse(self, epoch: int) -> dict[str, float]:
+    def _report_collapse(self, epoch: int, it: int) -> dict[str, float]:
         """The collapse statistics of this step as ``collapse/<name>`` metrics (empty when none
         were computed), and a warning per symptom once warm-up is over (``optim.warmup_epochs``:
-        a network near its random init has near-uniform outputs by construction)."""
+        a network near its random init has near-uniform outputs by construction). The progress
+        bar then shows the teacher entropy as a fraction of ln K (``H/lnK``)."""
         rep = self.last_collapse
         if rep is None:
             return {}
@@ -500,12 +509,14 @@ class Trainer:
         metrics = {f"collapse/{k}": float(v) for k, v in stats.as_dict().items()
                    if v is not None and k not in ("feature_dim", "feature_rows", "teacher_rows")}
         if self.dist.is_main:
-            log.info("epoch %d collapse check: teacher entropy %.3f of ln K = %.3f, prototype usage %.3f, "
-                     "student entropy %.3f, feature std %s, effective rank %s", epoch, stats.teacher_entropy,
+            log.info("epoch %d (iteration %d) collapse check: teacher entropy %.3f of ln K = %.3f, "
+                     "prototype usage %.3f, student entropy %.3f, feature std %s, effective rank %s",
+                     epoch, it + 1, stats.teacher_entropy,
                      stats.teacher_entropy_max, stats.prototype_entropy, stats.student_entropy,
                      "n/a" if stats.feature_std is None else f"{stats.feature_std:.4f}",
                      "n/a" if stats.effective_rank is None else f"{stats.effective_rank:.1f}")
-            if epoch >= self.cfg.optim.warmup_epochs:
+            self._bar_collapse = f"{stats.teacher_entropy / stats.teacher_entropy_max:.2f}"
+            if it >= self.warmup_iters:
                 for w in rep["warnings"]:
                     self.collapse_warnings.append((epoch, w))
                     log.warning("epoch %d: %s", epoch, w)
@@ -558,7 +569,8 @@ class Trainer:
                         break
                     self.student.train()
                     last_of_epoch = i + 1 == self.niter_per_epoch or it + 1 >= total
-                    self._collapse_due = self.collapse_every_epoch and last_of_epoch
+                    self._collapse_due = self.collapse_every_epoch and (
+                        last_of_epoch or (it + 1) % self.collapse_check_every == 0)
                     self.last_collapse = None
                     loss = self.train_step(g, l, epoch, it, sample_ids=epoch_ids[i])
                     self.iteration = it + 1
@@ -568,9 +580,10 @@ class Trainer:
                     dt, t_last = now - t_last, now
                     bar.update(1)
                     terms = self.last_terms if len(self.last_terms) > 1 else {}
+                    collapse = self._report_collapse(epoch, it)
                     bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.4f}" for k, v in terms.items()},
-                                    lr=f"{self.lr_schedule[it]:.2e}", img_s=f"{images / max(dt, 1e-9):.1f}")
-                    collapse = self._report_collapse(epoch)
+                                    lr=f"{self.lr_schedule[it]:.2e}", img_s=f"{images / max(dt, 1e-9):.1f}",
+                                    **({"H/lnK": self._bar_collapse} if self._bar_collapse else {}))
                     if collapse or it % max(cfg.train.log_every, 1) == 0 or self.iteration == total:
                         self._log_metrics({**collapse, "iteration": it, "epoch": epoch, "loss": loss,
                                            **{f"loss/{k}": v for k, v in self.last_terms.items()},

@@ -43,3 +43,19 @@ def test_no_check_when_disabled(data_root, tmp_path) -> None:
     tr.collapse_every_epoch = False
     tr.fit()
     assert not any("collapse/teacher_entropy" in r for r in _records(out))
+
+
+def test_iteration_runs_are_checked_ten_times_and_warned_after_warm_up(data_root, tmp_path) -> None:
+    """train.iterations: a check every min(epoch, iterations // 10) iterations and at the end; the
+    warnings wait for the warm-up (min(warmup epochs, iterations // 4) iterations)."""
+    out = tmp_path / "it"
+    cfg = tiny_config(data_root, out, "train.iterations=10", "train.log_every=100", "optim.warmup_epochs=5",
+                      "loss.teacher_temp=1000", "loss.warmup_teacher_temp=1000")
+    tr = Trainer(cfg)
+    every = min(tr.niter_per_epoch, 1)
+    assert tr.collapse_check_every == every and tr.warmup_iters == 2
+    summary = tr.fit()
+    checked = [r["iteration"] for r in _records(out) if "collapse/teacher_entropy" in r]
+    assert checked == list(range(10))  # every iteration: 10 // 10 = 1
+    warned = [w for w in summary["collapse_warnings"] if "teacher outputs uniform" in w]
+    assert len(warned) == 8, summary["collapse_warnings"]  # iterations 2..9, not the two of warm-up
