@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
-from dino_fast.data.masking import CounterStream, block_mask, global_crop_masks, mask_positions
 from dino_fast.data.loader import epoch_order, shard_indices
+from dino_fast.data.masking import CounterStream, block_mask, global_crop_masks, mask_positions
 from dino_fast.reference.masking import collate_masks_reference, mask_generator_reference
 
 
