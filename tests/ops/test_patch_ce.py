@@ -131,30 +131,30 @@ def test_zero_rows_and_zero_weights():
         assert not s.grad[::2].any() and s.grad[1::2].abs().sum() > 0
 
 
-def test_each_input_read_once_for_the_statistics_and_once_for_the_gradient():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_input_read_once_for_the_statistics_and_once_for_the_gradient(dtype):
     """Counted under the interpreter: the forward kernels load S and T once (plus the center
     once per program, the per-tile partials and the weights) and the gradient kernel loads them
-    once more and writes dS once; the exact formula, per dtype."""
-    for dtype in (torch.float32, torch.bfloat16):
-        R, K = int(torch.randint(40, 100, ())), int(torch.randint(2000, 6000, ()))
-        S, T, c, w = _inputs(R, K, dtype)
-        E = S.element_size()
-        res = {}
-        fwd = common.count_triton_traffic(lambda: res.setdefault("f", patch_ce_forward_triton(
-            S, T, c, w, student_temp=TAU_S, teacher_temp=TAU_T)))
-        _, lse, tm, tz, _ = res["f"]
-        bwd = common.count_triton_traffic(lambda: patch_ce_backward_triton(
-            torch.tensor(1.0), S, T, c, w, lse, tm, tz, student_temp=TAU_S, teacher_temp=TAU_T))
-        cfg = patch_launch_config(R, K, E)
-        n, G = cfg.fwd_tiles, cfg.n_groups
-        assert fwd["launches"] == 2 and bwd["launches"] == 1
-        assert fwd["bytes_loaded"] == 2 * R * K * E + G * K * 4 + 5 * R * n * 4 + R * 4
-        assert fwd["bytes_stored"] == 5 * R * n * 4 + G * K * 4 + 4 * R * 4
-        assert bwd["bytes_loaded"] == 2 * R * K * E + G * K * 4 + 4 * R * cfg.bwd_tiles * 4 + cfg.bwd_tiles * G * 4
-        assert bwd["bytes_stored"] == R * K * E
-        floor = 3 * R * K * E  # read S, read T, write dS
-        total = fwd["bytes"] + bwd["bytes"]
-        assert total / floor < 1.75, total / floor
+    once more and writes dS once; the exact formula."""
+    R, K = int(torch.randint(40, 100, ())), int(torch.randint(2000, 6000, ()))
+    S, T, c, w = _inputs(R, K, dtype)
+    E = S.element_size()
+    res = {}
+    fwd = common.count_triton_traffic(lambda: res.setdefault("f", patch_ce_forward_triton(
+        S, T, c, w, student_temp=TAU_S, teacher_temp=TAU_T)))
+    _, lse, tm, tz, _ = res["f"]
+    bwd = common.count_triton_traffic(lambda: patch_ce_backward_triton(
+        torch.tensor(1.0), S, T, c, w, lse, tm, tz, student_temp=TAU_S, teacher_temp=TAU_T))
+    cfg = patch_launch_config(R, K, E)
+    n, G = cfg.fwd_tiles, cfg.n_groups
+    assert fwd["launches"] == 2 and bwd["launches"] == 1
+    assert fwd["bytes_loaded"] == 2 * R * K * E + G * K * 4 + 5 * R * n * 4 + R * 4
+    assert fwd["bytes_stored"] == 5 * R * n * 4 + G * K * 4 + 4 * R * 4
+    assert bwd["bytes_loaded"] == 2 * R * K * E + G * K * 4 + 4 * R * cfg.bwd_tiles * 4 + cfg.bwd_tiles * G * 4
+    assert bwd["bytes_stored"] == R * K * E
+    floor = 3 * R * K * E  # read S, read T, write dS
+    total = fwd["bytes"] + bwd["bytes"]
+    assert total / floor < 1.75, total / floor
 
 
 def _good(R=5, K=64):
