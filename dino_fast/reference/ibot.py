@@ -33,8 +33,9 @@ def patch_ce_reference(student: Tensor, teacher: Tensor, center: Tensor, weights
 
 def ibot_masks_weight_reference(masks: Tensor) -> Tensor:
     """DINOv2's ``masks_weight``: ``1 / max(1, #masked of the crop)`` for every masked token,
-    flattened in the order of ``masks [n_crops, N].flatten().nonzero()``."""
-    return (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+    flattened in the order of ``masks [n_crops, N].flatten().nonzero()``; float64 here (DINOv2's
+    are float32)."""
+    return (1 / masks.sum(-1).to(torch.float64).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
 
 
 def ibot_patch_loss_reference(student_masked: Tensor, teacher_masked: Tensor, masks: Tensor, center: Tensor, *,
@@ -55,7 +56,7 @@ def ibot_patch_loss_dense_reference(student_patches: Tensor, teacher_patches: Te
     """DINOv2's dense ``forward``: (n_crops, N, K) logits of every token, bool masks (n_crops, N)."""
     t = F.softmax((teacher_patches - center.reshape(1, 1, -1)) / teacher_temp, dim=-1)
     loss = torch.sum(t * F.log_softmax(student_patches / student_temp, dim=-1), dim=-1)
-    loss = torch.sum(loss * masks.to(loss.dtype), dim=-1) / masks.sum(dim=-1).clamp(min=1.0)
+    loss = torch.sum(loss * masks.to(loss.dtype), dim=-1) / masks.sum(dim=-1).to(loss.dtype).clamp(min=1.0)
     return -loss.mean()
 
 
