@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Student/teacher architecture (the teacher gets drop_path_rate 0)."""
 
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large
     patch_size: int = 16
     depth: Optional[int] = None  # None: the architecture's own depth (12)
     drop_path_rate: float = 0.1
