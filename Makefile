@@ -26,7 +26,7 @@ OLDEST_BIN := $(OLDEST_VENV)/bin
 LATEST_VENV ?= .venv-latest
 LATEST_BIN := $(LATEST_VENV)/bin
 
-.PHONY: venv train test test-fast test-oldest test-latest lint bench learning constraints clean
+.PHONY: venv train train-dinov2 test test-fast test-oldest test-latest lint bench learning constraints clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,10 @@ venv: $(STAMP)
 # The main job on the built-in default: CPU, built-in dataset, minutes.
 train: venv
 	$(BIN)/dino-fast train --config configs/default.yaml
+
+# The DINOv2 demo on the built-in data (DINO + iBOT masked-patch loss + KoLeo), then the k-NN.
+train-dinov2: venv
+	$(BIN)/dino-fast train --config configs/dinov2_demo.yaml
 
 # The whole test suite (slow tests included), Triton kernels under TRITON_INTERPRET=1. The
 # header names the versions of torch, triton, numpy and FFCV the run used.

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Student/teacher architecture (the teacher gets drop_path_rate 0)."""
 
-    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base
+    arch: str = "vit_small"  # vit_tiny | vit_small | vit_base | vit_large
     patch_size: int = 16
     depth: Optional[int] = None  # None: the architecture's own depth (12)
     drop_path_rate: float = 0.1
@@ -151,6 +151,23 @@ class MethodConfig:
 
 
 @dataclass
+class DINOv2Config:
+    """The DINOv2 method's own hyper-parameters (``method.name: dinov2``; ignored by the others).
+    KoLeo is ``loss.koleo_weight`` (DINOv2: 0.1); the teacher targets of both the DINO and the
+    iBOT term follow ``loss.centering``."""
+
+    dino_loss_weight: float = 1.0  # DINOv2 dino.loss_weight
+    ibot_loss_weight: float = 1.0  # DINOv2 ibot.loss_weight
+    mask_sample_probability: float = 0.5  # fraction of the global crops that are masked
+    mask_ratio_min_max: tuple[float, float] = (0.1, 0.5)  # stratified mask ratios
+    mask_max_patches_fraction: float = 0.5  # largest mask block, as a fraction of the patch grid
+    ibot_separate_head: bool = False  # a separate iBOT head (DINOv2 ViT-L: true) or the DINO head shared
+    ibot_out_dim: int = 0  # iBOT head prototypes (0: model.out_dim)
+    ibot_head_hidden_dim: int = 0  # 0: model.head_hidden_dim
+    ibot_head_bottleneck_dim: int = 0  # 0: model.head_bottleneck_dim
+
+
+@dataclass
 class TrainConfig:
     """The whole configuration of a ``dino-fast train`` run."""
 
@@ -161,6 +178,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dinov2: DINOv2Config = field(default_factory=DINOv2Config)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), YAML/JSON serialisable."""
@@ -228,11 +246,38 @@ class TrainConfig:
             raise ConfigError(f"loss.center_momentum must be in [0, 1], got {self.loss.center_momentum}")
         if not (math.isfinite(self.loss.koleo_weight) and self.loss.koleo_weight >= 0):
             raise ConfigError(f"loss.koleo_weight must be a finite number >= 0, got {self.loss.koleo_weight}")
+        _validate_dinov2(self)
         if self.loss.koleo_weight > 0 and self.data.batch_size_per_gpu < 2:
             raise ConfigError(
                 f"loss.koleo_weight={self.loss.koleo_weight} needs data.batch_size_per_gpu >= 2 (KoLeo takes each "
                 f"sample's nearest neighbour within the rank's batch), got {self.data.batch_size_per_gpu}"
             )
+
+
+def _validate_dinov2(cfg: "TrainConfig") -> None:
+    d = cfg.dinov2
+    for key, val in (("dinov2.dino_loss_weight", d.dino_loss_weight), ("dinov2.ibot_loss_weight", d.ibot_loss_weight)):
+        if not (math.isfinite(val) and val >= 0):
+            raise ConfigError(f"{key} must be a finite number >= 0, got {val!r}")
+    if not 0 <= d.mask_sample_probability <= 1:
+        raise ConfigError(f"dinov2.mask_sample_probability must be in [0, 1], got {d.mask_sample_probability!r}")
+    lo, hi = d.mask_ratio_min_max
+    if not 0 <= lo <= hi <= 1:
+        raise ConfigError(f"dinov2.mask_ratio_min_max must be (lo, hi) with 0 <= lo <= hi <= 1, got {d.mask_ratio_min_max!r}")
+    if not 0 < d.mask_max_patches_fraction <= 1:
+        raise ConfigError(f"dinov2.mask_max_patches_fraction must be in (0, 1], got {d.mask_max_patches_fraction!r}")
+    for key, val in (("dinov2.ibot_out_dim", d.ibot_out_dim), ("dinov2.ibot_head_hidden_dim", d.ibot_head_hidden_dim),
+                     ("dinov2.ibot_head_bottleneck_dim", d.ibot_head_bottleneck_dim)):
+        if val < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: the DINO head's value), got {val!r}")
+    if cfg.method.name == "dinov2" and not d.ibot_separate_head:
+        for key, val in (("dinov2.ibot_out_dim", d.ibot_out_dim), ("dinov2.ibot_head_hidden_dim", d.ibot_head_hidden_dim),
+                         ("dinov2.ibot_head_bottleneck_dim", d.ibot_head_bottleneck_dim)):
+            if val:
+                raise ConfigError(f"{key}={val} needs dinov2.ibot_separate_head=true (a shared head is the DINO head)")
+    if cfg.method.name == "dinov2" and cfg.model.fused_multicrop_attention:
+        raise ConfigError("model.fused_multicrop_attention is not supported by method dinov2 (its global crops run "
+                          "through forward_features with masks)")
 
 
 def _choice(key: str, value: Any, choices: Sequence[str]) -> None:

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor
 
 from dino_fast.losses.koleo import koleo_loss
+from dino_fast.ops.patch_ce.function import patch_ce_loss
 from dino_fast.ops.soft_ce.function import dino_loss
+from dino_fast.reference.ibot import patch_ce_reference
 from dino_fast.reference.loss import dino_loss_reference, koleo_loss_reference
 
 __all__ = ["LossSpec", "LOSSES", "register_loss"]
@@ -78,4 +80,23 @@ register_loss(LossSpec("dino", _dino_fast, _dino_reference, _dino_example))
 register_loss(LossSpec(
     "koleo", koleo_loss, koleo_loss_reference,
     lambda g, dtype: (torch.randn(16, 24, generator=g).to(dtype),),
+))
+
+
+_IBOT_ROWS = 40
+
+
+def _ibot_example(g: torch.Generator, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    S = (3 * torch.randn(_IBOT_ROWS, _K, generator=g)).to(dtype)
+    T = (3 * torch.randn(_IBOT_ROWS, _K, generator=g)).to(dtype)
+    c = 0.3 * torch.randn(_K, generator=g)
+    w = torch.rand(_IBOT_ROWS, generator=g) / _IBOT_ROWS
+    return S, T, c, w
+
+
+register_loss(LossSpec(
+    "ibot_patch",
+    lambda S, T, c, w: patch_ce_loss(S, T, c, w, student_temp=0.1, teacher_temp=0.04, backend="torch"),
+    lambda S, T, c, w: patch_ce_reference(S, T, c, w, student_temp=0.1, teacher_temp=0.04),
+    _ibot_example,
 ))

@@ -13,6 +13,11 @@ neither overflow (DINOv2's ``exp(T / tau)`` is inf above ``88 * tau``) nor lose 
 logits all lie far below the others (a column of underflowed zeros divided by its zero sum gives
 NaN when a global maximum is subtracted instead). The constant first normalisation of DINOv2
 (by the total) is absorbed by the first prototype normalisation and skipped.
+
+Backends: on CUDA tensors (``backend="auto"``, or ``"triton"`` under ``TRITON_INTERPRET=1``) the
+iterations run as Triton passes that never materialise the iterates nor a transposed copy
+(:mod:`dino_fast.ops.sinkhorn`); the eager torch code below is the CPU path and the fallback
+(``"torch"``), and fp64 inputs always take it.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ import math
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from dino_fast.ops.backend import resolve_backend
 
 __all__ = ["sinkhorn_knopp_log_targets", "sinkhorn_knopp_targets"]
 
@@ -42,13 +49,22 @@ def _check(teacher_logits: Tensor, teacher_temp: float, n_iterations: int) -> No
 
 
 @torch.no_grad()
-def sinkhorn_knopp_log_targets(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
-    """``log`` of :func:`sinkhorn_knopp_targets`, finite everywhere (same arguments and errors).
+def sinkhorn_knopp_log_targets(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3, *,
+                               backend: str = "auto") -> Tensor:
+    """``log`` of :func:`sinkhorn_knopp_targets`, finite everywhere (same arguments and errors;
+    ``backend``: ``auto | triton | torch | cpu``, see the module doc).
 
     Returns:
         ``[rows, K]`` fp32 (fp64 for fp64 input), ``logsumexp`` of every row = 0, no gradient.
     """
     _check(teacher_logits, teacher_temp, n_iterations)
+    impl = resolve_backend(backend, teacher_logits.device)
+    if impl == "reference":
+        raise ValueError("backend='reference' is not available here; use dino_fast.reference.sinkhorn")
+    if impl == "triton" and teacher_logits.dtype != torch.float64:
+        from dino_fast.ops.sinkhorn.function import sinkhorn_log_targets_triton
+
+        return sinkhorn_log_targets_triton(teacher_logits.contiguous(), float(teacher_temp), n_iterations)
     dt = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
     x = teacher_logits.to(dt) / float(teacher_temp)
     rows, K = x.shape

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from dino_fast.config import TrainConfig
 from dino_fast.models.registry import create_backbone
 
-__all__ = ["LossTerm", "StepOutput", "Method", "build_backbone"]
+__all__ = ["LossTerm", "StepOutput", "BatchInfo", "Method", "build_backbone"]
 
 
 @dataclass
@@ -59,6 +59,26 @@ class StepOutput:
         return total
 
 
+@dataclass(frozen=True)
+class BatchInfo:
+    """Where the current batch comes from, for methods that draw per-sample randomness in the
+    data pipeline's way (DINOv2's masks): a pure function of these keeps 2 ranks = 1 process and
+    exact resume.
+
+    Attributes:
+        seed: ``train.seed``. epoch: the 0-based epoch. batch: the batch index within the epoch.
+        sample_ids: int ``[B]`` dataset indices of this rank's samples (None when unknown).
+        rank, world_size: this rank and the number of ranks.
+    """
+
+    seed: int
+    epoch: int
+    batch: int
+    sample_ids: Optional[Any]
+    rank: int = 0
+    world_size: int = 1
+
+
 class Method(nn.Module):
     """Base class of the self-supervised methods (registered in :mod:`dino_fast.methods`).
 
@@ -92,6 +112,7 @@ class Method(nn.Module):
         self.cfg = cfg
         self._student_forward: Optional[nn.Module] = None
         self._autocast: Callable[[], ContextManager[Any]] = contextlib.nullcontext
+        self.batch_info: Optional[BatchInfo] = None
 
     # ---------------------------------------------------------------- trainer hooks
     @property
@@ -106,6 +127,11 @@ class Method(nn.Module):
     def set_autocast(self, factory: Callable[[], ContextManager[Any]]) -> None:
         """Use ``factory()`` as the mixed-precision context of the networks' forward passes."""
         self._autocast = factory
+
+    def set_batch_info(self, info: Optional[BatchInfo]) -> None:
+        """The trainer announces the next batch's :class:`BatchInfo` before :meth:`forward_step`
+        (None: unknown; a method must then fall back to something deterministic)."""
+        self.batch_info = info
 
     def autocast(self) -> ContextManager[Any]:
         """A fresh mixed-precision context for the networks (a no-op unless the trainer set one)."""

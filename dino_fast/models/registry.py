@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from torch import nn
 
-from .vit import vit_base, vit_small, vit_tiny
+from .vit import vit_base, vit_large, vit_small, vit_tiny
 
 __all__ = ["BACKBONES", "register_backbone", "create_backbone", "backbone_names"]
 
@@ -55,5 +55,6 @@ def create_backbone(name: str, **kwargs: Any) -> nn.Module:
     return fn(**kwargs)
 
 
-for _name, _fn in (("vit_tiny", vit_tiny), ("vit_small", vit_small), ("vit_base", vit_base)):
+for _name, _fn in (("vit_tiny", vit_tiny), ("vit_small", vit_small), ("vit_base", vit_base),
+                  ("vit_large", vit_large)):
     register_backbone(_name)(_fn)

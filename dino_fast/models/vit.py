@@ -467,3 +467,11 @@ def vit_base(patch_size: int = 16, *, img_size: int = 224, drop_path_rate: float
              attn_backend: str = "auto", **kw: Any) -> VisionTransformer:
     """ViT-Base (DINO's ViT-B/16 and ViT-B/8): embed 768, depth 12, 12 heads."""
     return _vit(768, 12, patch_size, img_size, drop_path_rate, attn_backend, kw)
+
+
+def vit_large(patch_size: int = 16, *, img_size: int = 224, drop_path_rate: float = 0.0,
+              attn_backend: str = "auto", **kw: Any) -> VisionTransformer:
+    """ViT-Large (DINOv2's ViT-L/14 and ViT-L/16): embed 1024, depth 24, 16 heads, MLP ratio 4
+    (the plain MLP block: no LayerScale and no SwiGLU, which DINOv2's ViT-L/14 recipe adds)."""
+    kw.setdefault("depth", 24)
+    return _vit(1024, 16, patch_size, img_size, drop_path_rate, attn_backend, kw)

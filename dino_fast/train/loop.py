@@ -54,7 +54,7 @@ from dino_fast.data.builtin import ensure_builtin_dataset
 from dino_fast.eval.collapse import collapse_stats, diagnose
 from dino_fast.eval.knn import knn_eval_backbone, run_eval_roots
 from dino_fast.eval.linear import linear_eval_backbone
-from dino_fast.methods import Method, StepOutput, build_backbone, build_method
+from dino_fast.methods import BatchInfo, Method, StepOutput, build_backbone, build_method
 from dino_fast.ops.ema import NonFiniteEMAError, TeacherEMA
 from dino_fast.train.optim import build_adamw, cancel_gradients_last_layer, clip_gradients
 from dino_fast.train.precision import autocast_context, resolve_precision, set_speed_flags
@@ -427,6 +427,9 @@ class Trainer:
             group["lr"] = float(self.lr_schedule[it])
             if i == 0:  # only the regularized group gets weight decay
                 group["weight_decay"] = float(self.wd_schedule[it])
+        self.method.set_batch_info(BatchInfo(  # per-sample randomness of the method (DINOv2's masks)
+            seed=cfg.train.seed, epoch=epoch, batch=it - epoch * self.niter_per_epoch, sample_ids=sample_ids,
+            rank=self.dist.rank, world_size=self.dist.world_size))
         seed = _iteration_seed(cfg.train.seed, self.dist.rank, it)
         torch.manual_seed(seed)  # drop path and anything else drawing from the global stream
         gen = torch.Generator(device=self.device)
