@@ -192,13 +192,14 @@ class MultiCropAugment(nn.Module):
 
     Args:
         local_crops_number: expected number of local crops L (checked in forward).
-        solarization_p: solarization probability of the second (and later) global crops.
+        solarization_p: solarization probability of the second global crop (of every odd one).
         flip_p: horizontal flip probability.
         jitter_p: colour-jitter probability.
         brightness, contrast, saturation: jitter strengths (factor ~ U(max(0, 1-v), 1+v)).
         hue: hue shift ~ U(-hue, hue), 0 <= hue <= 0.5.
         grayscale_p: grayscale probability.
-        global_blur_p: blur probability of global crop 1 and of the later global crops.
+        global_blur_p: blur probabilities of the first and second global recipes (even and odd
+            global crops).
         local_blur_p: blur probability of the local crops.
         blur_sigma: (lo, hi) range of the blur sigma in pixels.
         mean, std: per-channel normalisation.
@@ -407,9 +408,13 @@ class MultiCropAugment(nn.Module):
 
         out: list[Tensor] = []
         # crop-major rows: row = crop * B + sample
+        # global crops alternate between the two recipes: even crops the first (blur p 1.0, no
+        # solarization), odd crops the second; with G = 2 that is DINO's, with G = 4 (Mugs) the
+        # student's global crops 2, 3 are fresh samples of the teacher's recipes 0, 1
         crop_idx = torch.arange(g).repeat_interleave(b)
-        blur_p = torch.where(crop_idx == 0, self.global_blur_p[0], self.global_blur_p[1])
-        sol_p = torch.where(crop_idx == 0, 0.0, self.solarization_p)
+        first = crop_idx % 2 == 0
+        blur_p = torch.where(first, self.global_blur_p[0], self.global_blur_p[1])
+        sol_p = torch.where(first, 0.0, self.solarization_p)
         params = params_for(0, g, blur_p, sol_p)
         xg = self.apply(global_crops.transpose(0, 1).reshape(g * b, *global_crops.shape[2:]), params)
         out.extend(xg.split(b))

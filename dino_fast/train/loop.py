@@ -53,7 +53,7 @@ from dino_fast.data.builtin import ensure_builtin_dataset
 from dino_fast.eval.collapse import collapse_stats, diagnose
 from dino_fast.eval.knn import knn_eval_backbone, run_eval_roots
 from dino_fast.eval.linear import linear_eval_backbone
-from dino_fast.methods import Method, StepOutput, build_backbone, build_method
+from dino_fast.methods import Method, StepOutput, build_backbone, build_method, get_method
 from dino_fast.ops.ema import NonFiniteEMAError, TeacherEMA
 from dino_fast.train.optim import build_adamw, cancel_gradients_last_layer, clip_gradients
 from dino_fast.train.precision import autocast_context, resolve_precision, set_speed_flags
@@ -128,7 +128,9 @@ class Trainer:
             self.loader = build_multicrop_loader(
                 MultiCropConfig(
                     root=str(root), backend=cfg.data.backend,
-                    global_crops_number=cfg.data.global_crops_number,
+                    # the teacher's global crops plus any separate student global crops (Mugs)
+                    global_crops_number=cfg.data.global_crops_number
+                    + get_method(cfg.method.name).extra_global_crops(cfg),
                     global_crops_size=cfg.data.global_crops_size,
                     global_crops_scale=tuple(cfg.data.global_crops_scale),
                     local_crops_number=cfg.data.local_crops_number,
