@@ -170,6 +170,9 @@ class MugsConfig:
     # teacher memory is never written); false: a correct ring buffer
     faithful_pointer: bool = False
     student_global_crops: int = 2  # separate student global crops (the teacher's 2 are never shown to it)
+    # probability of the strong recipe (RandAugment rand-m9-mstd0.5-inc1 + RandomErasing 0.25) for
+    # an image's student global crops (together) and for each local crop (independently); 0: weak only
+    strong_p: float = 0.5
 
     def resolved(self, model: "ModelConfig") -> "MugsConfig":
         """A copy with every 0 size replaced by its model-derived default (class doc)."""
@@ -298,6 +301,8 @@ class TrainConfig:
         if r.memory_size < max(m.topk, self.data.batch_size_per_gpu):
             raise ConfigError(f"mugs.memory_size ({r.memory_size}) must be >= mugs.topk ({m.topk}) and >= "
                               f"data.batch_size_per_gpu ({self.data.batch_size_per_gpu})")
+        if not 0.0 <= m.strong_p <= 1.0:
+            raise ConfigError(f"mugs.strong_p must be a probability in [0, 1], got {m.strong_p!r}")
         if m.topk < 1:
             raise ConfigError(f"mugs.topk must be >= 1, got {m.topk}")
 

@@ -204,6 +204,13 @@ class MultiCropAugment(nn.Module):
         local_blur_p: blur probability of the local crops.
         blur_sigma: (lo, hi) range of the blur sigma in pixels.
         mean, std: per-channel normalisation.
+        strong_p: probability of the strong recipe (Mugs' student crops; 0 disables it, the
+            default): the global crops from ``strong_from_crop`` on are strong together per image,
+            each local crop independently. Strong = flip, RandAugment (rand-m9-mstd0.5-inc1),
+            normalise, RandomErasing 0.25 (:func:`rand_augment`, :func:`random_erasing`), in
+            place of the weak recipe. After a forward, :attr:`last_weak` (bool [B]) says which
+            images' eligible global crops were weak (None when ``strong_p == 0``).
+        strong_from_crop: the first global crop index the strong recipe may replace.
     """
 
     def __init__(
@@ -223,8 +230,17 @@ class MultiCropAugment(nn.Module):
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        strong_p: float = 0.0,
+        strong_from_crop: int = 2,
     ) -> None:
         super().__init__()
+        if not isinstance(strong_p, (int, float)) or not 0.0 <= float(strong_p) <= 1.0:
+            raise ValueError(f"strong_p must be a probability in [0, 1], got {strong_p!r}")
+        if not isinstance(strong_from_crop, int) or strong_from_crop < 0:
+            raise ValueError(f"strong_from_crop must be an int >= 0, got {strong_from_crop!r}")
+        self.strong_p = float(strong_p)
+        self.strong_from_crop = strong_from_crop
+        self.last_weak: Optional[Tensor] = None
         if not isinstance(local_crops_number, int) or local_crops_number < 0:
             raise ValueError(f"local_crops_number must be an int >= 0, got {local_crops_number!r}")
         probs = {
@@ -407,6 +423,9 @@ class MultiCropAugment(nn.Module):
             return self.sample_params_counter(blur_p, sol_p, seed=int(seed), epoch=int(epoch),
                                               samples=np.tile(ids, n_crops), crops=crops, device=dev)
 
+        if self.strong_p > 0 and ids is None:  # the strong parameters come from the counter hash
+            gen_dev = generator.device if generator is not None else dev
+            ids = torch.randint(0, 2**31 - 1, (b,), generator=generator, device=gen_dev).cpu().numpy()
         out: list[Tensor] = []
         # crop-major rows: row = crop * B + sample
         # global crops alternate between the two recipes: even crops the first (blur p 1.0, no
@@ -417,15 +436,51 @@ class MultiCropAugment(nn.Module):
         blur_p = torch.where(first, self.global_blur_p[0], self.global_blur_p[1])
         sol_p = torch.where(first, 0.0, self.solarization_p)
         params = params_for(0, g, blur_p, sol_p)
-        xg = self.apply(global_crops.transpose(0, 1).reshape(g * b, *global_crops.shape[2:]), params)
+        g_rows = global_crops.transpose(0, 1).reshape(g * b, *global_crops.shape[2:])
+        xg = self.apply(g_rows, params)
+        self.last_weak = None
+        if self.strong_p > 0 and g > self.strong_from_crop:
+            assert ids is not None
+            u = counter_uniform(int(seed), int(epoch), ids, np.full(b, self.strong_from_crop), 1,
+                                first_draw=_STRONG_CHOICE_DRAW)[:, 0]
+            strong_img = torch.from_numpy(u < self.strong_p)
+            self.last_weak = (~strong_img).to(dev)
+            rows = (torch.arange(g * b) >= self.strong_from_crop * b) & strong_img.repeat(g)
+            self._replace_strong(xg, g_rows, rows, params.flip, np.tile(ids, g), crop_idx.numpy(), seed, epoch)
         out.extend(xg.split(b))
         ln = local_crops.shape[1]
         if ln:
             blur_p = torch.full((ln * b,), self.local_blur_p)
             params = params_for(g, ln, blur_p, torch.zeros(ln * b))
-            xl = self.apply(local_crops.transpose(0, 1).reshape(ln * b, *local_crops.shape[2:]), params)
+            l_rows = local_crops.transpose(0, 1).reshape(ln * b, *local_crops.shape[2:])
+            xl = self.apply(l_rows, params)
+            if self.strong_p > 0:
+                assert ids is not None
+                crops = np.repeat(np.arange(g, g + ln, dtype=np.int64), b)
+                u = counter_uniform(int(seed), int(epoch), np.tile(ids, ln), crops, 1, first_draw=_STRONG_CHOICE_DRAW)
+                rows = torch.from_numpy(u[:, 0] < self.strong_p)
+                self._replace_strong(xl, l_rows, rows, params.flip, np.tile(ids, ln), crops, seed, epoch)
             out.extend(xl.split(b))
         return out
+
+    def _replace_strong(self, x: Tensor, crops_u8: Tensor, rows: Tensor, flip: Tensor, samples: np.ndarray,
+                        crop_ids: np.ndarray, seed: int, epoch: int) -> None:
+        """Overwrite the rows ``rows`` (bool [N]) of the weakly augmented ``x`` with the strong
+        recipe of their uint8 crops: flip, RandAugment, normalise, RandomErasing (in place)."""
+        idx = rows.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return
+        sel = idx.numpy()
+        h, w = crops_u8.shape[-2:]
+        sp = strong_params_counter(int(seed), int(epoch), samples[sel], crop_ids[sel], h, w)
+        dev_idx = idx.to(x.device)
+        y = crops_u8[dev_idx].to(torch.float32).mul_(1.0 / 255.0)
+        fl = flip.to(x.device)[dev_idx]
+        y = torch.where(fl.view(-1, 1, 1, 1), y.flip(-1), y)
+        y = rand_augment(y, sp)
+        inv_std = 1.0 / self.std.to(y.device)
+        y = torch.addcmul(-self.mean.to(y.device) * inv_std, y, inv_std)
+        x[dev_idx] = random_erasing(y, sp)
 
     def extra_repr(self) -> str:
         return (
@@ -444,6 +499,7 @@ RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing
             "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
 RAND_FILL = (124, 116, 104)  # timm's img_mean fill of the geometric ops (ImageNet mean in levels)
 _STRONG_DRAW0 = 256  # first draw of the strong-augmentation parameters in a crop's stream
+_STRONG_CHOICE_DRAW = 320  # the draw that decides strong / weak (of crop strong_from_crop for global crops)
 _STRONG_LAYER_DRAWS = 5  # op, apply, 2 for the Gaussian magnitude, sign
 _ERASE_DRAWS = 1 + 40 + 1  # apply, 10 attempts x (area, ratio, top, left), noise seed
 

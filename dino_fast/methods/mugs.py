@@ -19,8 +19,9 @@ Terms are logged unweighted; their trainer weights are the official combination 
 losses added and divided by the sum of their weights, :func:`dino_fast.losses.mugs.mugs_loss_scales`).
 After the losses, every queue gets this step's teacher keys (all-gathered: crop 0 then crop 1), the
 teacher memory the teacher's first crop's mean patch tokens and the student memory the student's
-first global crop's (only for images whose student crops were weakly augmented; no strong
-augmentation exists yet, so every image counts as weak). Queues and memories are buffers of the
+first global crop's (only for images whose student crops were weakly augmented: with
+``mugs.strong_p`` > 0 the trainer's augmentation makes an image's student global crops strong
+together, and each local crop independently, RandAugment + RandomErasing). Queues and memories are buffers of the
 method (checkpointed, exact resume).
 
 Method state: ``instance_loss.queue(_ptr)``, ``local_group_loss.queue(_ptr)``,
@@ -97,11 +98,21 @@ class Mugs(Method):
         )
         self.student_memory = MugsMemory(m.memory_size, dim, m.topk, faithful_pointer=m.faithful_pointer)
         self.teacher_memory = MugsMemory(m.memory_size, dim, m.topk, faithful_pointer=m.faithful_pointer)
+        self._weak: Optional[Tensor] = None
 
     @classmethod
     def extra_global_crops(cls, cfg: TrainConfig) -> int:
         """The student's own global crops (``mugs.student_global_crops``, 2)."""
         return cfg.mugs.student_global_crops
+
+    @classmethod
+    def strong_augmentation(cls, cfg: TrainConfig) -> tuple[float, int]:
+        """``(mugs.strong_p, 2)``: the student's global crops (crops 2, 3) and the local crops."""
+        return cfg.mugs.strong_p, cfg.data.global_crops_number
+
+    def set_weak_flags(self, weak: Optional[Tensor]) -> None:
+        """The next step's weak flags (only weak images enter the student memory)."""
+        self._weak = weak
 
     def ema_modules(self) -> tuple[nn.Module, nn.Module]:
         """Teacher against the student's backbone, relation block and heads (not the predictors)."""
@@ -115,8 +126,11 @@ class Mugs(Method):
             crops: ``n_teacher`` teacher global crops, the student's global crops, then the local
                 crops (float ``[B, 3, H, W]`` each).
             weak: optional bool ``[B]``: images whose student global crops were weakly augmented
-                (only those enter the student memory); default all.
+                (only those enter the student memory); default: the flags the trainer set through
+                :meth:`set_weak_flags` for this step, else all.
         """
+        if weak is None:
+            weak, self._weak = self._weak, None
         nt = self.n_teacher
         ng = self.mcfg.student_global_crops
         if len(crops) != nt + self.ncrops:

@@ -154,6 +154,7 @@ class Trainer:
             local_crops_number=cfg.data.local_crops_number, blur_sigma=tuple(cfg.data.blur_sigma),
             jitter_p=cfg.data.jitter_p, brightness=cfg.data.color_jitter[0], contrast=cfg.data.color_jitter[1],
             saturation=cfg.data.color_jitter[2], hue=cfg.data.color_jitter[3], grayscale_p=cfg.data.grayscale_p,
+            **dict(zip(("strong_p", "strong_from_crop"), get_method(cfg.method.name).strong_augmentation(cfg))),
         ).to(self.device)
 
         # the method: student, teacher, losses and their state
@@ -386,6 +387,8 @@ class Trainer:
         crops = self.augment(global_crops.to(self.device, non_blocking=nb),
                              local_crops.to(self.device, non_blocking=nb), generator=gen,
                              sample_ids=sample_ids, seed=cfg.train.seed, epoch=epoch)
+        if self.augment.strong_p > 0:
+            self.method.set_weak_flags(self.augment.last_weak)
         return self.step_on_crops(crops, epoch, it)
 
     def step_on_crops(self, crops: Sequence[torch.Tensor], epoch: int, it: int) -> float:

@@ -100,3 +100,32 @@ def test_bad_input_is_refused():
         rand_augment(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), p)
     with pytest.raises(ValueError, match=r"params: expected 3 rows \(one per image\), got 2"):
         rand_augment(torch.zeros(3, 3, 8, 8), p)
+
+
+def test_multicrop_strong_recipe_replaces_only_the_chosen_rows_and_is_rank_independent():
+    from dino_fast.data.augment import MultiCropAugment
+
+    B, G, L = 8, 4, 3
+    g = torch.randint(0, 256, (B, G, 3, 16, 16), dtype=torch.uint8)
+    loc = torch.randint(0, 256, (B, L, 3, 8, 8), dtype=torch.uint8)
+    ids = np.arange(100, 100 + B)
+    weak_aug = MultiCropAugment(L, blur_sigma=(0.1, 0.5))
+    strong_aug = MultiCropAugment(L, blur_sigma=(0.1, 0.5), strong_p=0.5, strong_from_crop=2)
+    weak = weak_aug(g, loc, sample_ids=ids, seed=1, epoch=2)
+    strong = strong_aug(g, loc, sample_ids=ids, seed=1, epoch=2)
+    flags = strong_aug.last_weak
+    assert weak_aug.last_weak is None and flags.dtype == torch.bool and flags.shape == (B,)
+    assert 0 < int(flags.sum()) < B
+    for c in range(2):                               # the teacher's crops never change
+        assert torch.equal(strong[c], weak[c])
+    for c in (2, 3):                                 # student global crops: strong together per image
+        same = (strong[c] == weak[c]).flatten(1).all(1)
+        assert torch.equal(same, flags)
+    changed = torch.stack([~(strong[c] == weak[c]).flatten(1).all(1) for c in range(G, G + L)])
+    assert 0 < int(changed.sum()) < L * B          # local crops: strong independently
+    # rank independence: two halves of the batch give the same crops and flags
+    for half in (slice(0, B, 2), slice(1, B, 2)):
+        part = strong_aug(g[half], loc[half], sample_ids=ids[half], seed=1, epoch=2)
+        assert torch.equal(strong_aug.last_weak, flags[half])
+        for c in range(G + L):
+            assert torch.equal(part[c], strong[c][half]), c
