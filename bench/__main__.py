@@ -1,7 +1,7 @@
-"""``dino-fast bench [loss|ema|attention|loader|step|reliability|all|gpu] [--quick]`` (also ``python -m bench``).
+"""``dino-fast bench [loss|ema|attention|loader|step|reliability|mugs|all|gpu] [--quick]`` (also ``python -m bench``).
 
 Runs the benchmark scripts of bench/, each of which prints its table and writes
-bench/results/NAME.json. ``all`` runs the six suites (any machine); ``gpu`` the CUDA rows of every
+bench/results/NAME.json. ``all`` runs the seven suites (any machine); ``gpu`` the CUDA rows of every
 suite in one run (CUDA only, bench/gpu.py).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-SUITES = ("loss", "ema", "attention", "loader", "step", "reliability")
+SUITES = ("loss", "ema", "attention", "loader", "step", "reliability", "mugs")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -168,6 +168,48 @@ class DINOv2Config:
 
 
 @dataclass
+class MugsConfig:
+    """Mugs (``method.name: mugs``; Zhou et al. 2022, the official sail-sg/mugs semantics).
+
+    Sizes given as 0 scale with the model section, which gives the official sizes for the
+    official model settings (out_dim 65536, head_hidden_dim 2048, head_bottleneck_dim 256) and
+    small ones for tiny CPU configs: ``proj_dim`` = head_bottleneck_dim (256), ``proj_hidden_dim``
+    = head_hidden_dim (2048), ``pred_hidden_dim`` = 2 x head_hidden_dim (4096), ``queue_size`` and
+    ``memory_size`` = out_dim (65536). The group head is the DINO head of ``model.*`` and its loss
+    the DINO loss of ``loss.*`` with the Mugs pair weights.
+    """
+
+    instance_weight: float = 1.0  # the official weights gate a loss (> 0) and normalise the sum only
+    local_group_weight: float = 1.0
+    group_weight: float = 1.0
+    temperature: float = 0.2  # InfoNCE temperature of the instance and local-group losses
+    proj_dim: int = 0
+    proj_hidden_dim: int = 0
+    pred_hidden_dim: int = 0
+    queue_size: int = 0  # negatives of each InfoNCE queue (instance, local-group)
+    memory_size: int = 0  # rows of each local-group memory (student, teacher)
+    topk: int = 8  # neighbours a relation-block query takes from the memory
+    # the official memory pointer advances twice per write (with a constant batch half of the
+    # teacher memory is never written); false: a correct ring buffer
+    faithful_pointer: bool = False
+    student_global_crops: int = 2  # separate student global crops (the teacher's 2 are never shown to it)
+    # probability of the strong recipe (RandAugment rand-m9-mstd0.5-inc1 + RandomErasing 0.25) for
+    # an image's student global crops (together) and for each local crop (independently); 0: weak only
+    strong_p: float = 0.5
+
+    def resolved(self, model: "ModelConfig") -> "MugsConfig":
+        """A copy with every 0 size replaced by its model-derived default (class doc)."""
+        return dataclasses.replace(
+            self,
+            proj_dim=self.proj_dim or model.head_bottleneck_dim,
+            proj_hidden_dim=self.proj_hidden_dim or model.head_hidden_dim,
+            pred_hidden_dim=self.pred_hidden_dim or 2 * model.head_hidden_dim,
+            queue_size=self.queue_size or model.out_dim,
+            memory_size=self.memory_size or model.out_dim,
+        )
+
+
+@dataclass
 class TrainConfig:
     """The whole configuration of a ``dino-fast train`` run."""
 
@@ -179,6 +221,7 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalConfig = field(default_factory=EvalConfig)
     dinov2: DINOv2Config = field(default_factory=DINOv2Config)
+    mugs: MugsConfig = field(default_factory=MugsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (tuples as lists), YAML/JSON serialisable."""
@@ -247,11 +290,48 @@ class TrainConfig:
         if not (math.isfinite(self.loss.koleo_weight) and self.loss.koleo_weight >= 0):
             raise ConfigError(f"loss.koleo_weight must be a finite number >= 0, got {self.loss.koleo_weight}")
         _validate_dinov2(self)
+        self._validate_mugs()
         if self.loss.koleo_weight > 0 and self.data.batch_size_per_gpu < 2:
             raise ConfigError(
                 f"loss.koleo_weight={self.loss.koleo_weight} needs data.batch_size_per_gpu >= 2 (KoLeo takes each "
                 f"sample's nearest neighbour within the rank's batch), got {self.data.batch_size_per_gpu}"
             )
+
+
+    def _validate_mugs(self) -> None:
+        m = self.mugs
+        ws = (("mugs.instance_weight", m.instance_weight), ("mugs.local_group_weight", m.local_group_weight),
+              ("mugs.group_weight", m.group_weight))
+        for key, w in ws:
+            if not (math.isfinite(w) and w >= 0):
+                raise ConfigError(f"{key} must be a finite number >= 0, got {w!r}")
+        if self.method.name != "mugs":
+            return
+        if not any(w > 0 for _, w in ws):
+            raise ConfigError("mugs: at least one of instance_weight, local_group_weight, group_weight must be > 0")
+        if not (math.isfinite(m.temperature) and m.temperature > 0):
+            raise ConfigError(f"mugs.temperature must be > 0, got {m.temperature!r}")
+        for key in ("proj_dim", "proj_hidden_dim", "pred_hidden_dim", "queue_size", "memory_size"):
+            if getattr(m, key) < 0:
+                raise ConfigError(f"mugs.{key} must be >= 0 (0: derived from model.*), got {getattr(m, key)}")
+        if m.student_global_crops != 2:
+            raise ConfigError(f"mugs.student_global_crops must be 2 (the pairs of the 2 teacher crops), "
+                              f"got {m.student_global_crops}")
+        if self.data.local_crops_number < 1:
+            raise ConfigError(f"method mugs needs data.local_crops_number >= 1 (its loss averages the global and "
+                              f"the local pairs separately), got {self.data.local_crops_number}")
+        r = m.resolved(self.model)
+        per_step = 2 * self.data.batch_size_per_gpu
+        if r.queue_size < per_step:
+            raise ConfigError(f"mugs.queue_size ({r.queue_size}) must hold one step's teacher keys, at least "
+                              f"2 x data.batch_size_per_gpu = {per_step} (times the world size)")
+        if r.memory_size < max(m.topk, self.data.batch_size_per_gpu):
+            raise ConfigError(f"mugs.memory_size ({r.memory_size}) must be >= mugs.topk ({m.topk}) and >= "
+                              f"data.batch_size_per_gpu ({self.data.batch_size_per_gpu})")
+        if not 0.0 <= m.strong_p <= 1.0:
+            raise ConfigError(f"mugs.strong_p must be a probability in [0, 1], got {m.strong_p!r}")
+        if m.topk < 1:
+            raise ConfigError(f"mugs.topk must be >= 1, got {m.topk}")
 
 
 def _validate_dinov2(cfg: "TrainConfig") -> None:

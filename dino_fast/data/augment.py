@@ -38,7 +38,8 @@ from torch import Tensor, nn
 
 from dino_fast.utils.image_stats import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["MultiCropAugment", "PhotometricParams", "rgb_to_grayscale", "adjust_hue", "gaussian_blur",
+__all__ = ["MultiCropAugment", "PhotometricParams", "rgb_to_grayscale", "adjust_hue", "gaussian_blur", "RAND_OPS",
+           "StrongParams", "strong_params_counter", "rand_augment", "random_erasing",
            "counter_uniform"]
 
 _GRAY = (0.299, 0.587, 0.114)
@@ -192,16 +193,24 @@ class MultiCropAugment(nn.Module):
 
     Args:
         local_crops_number: expected number of local crops L (checked in forward).
-        solarization_p: solarization probability of the second (and later) global crops.
+        solarization_p: solarization probability of the second global crop (of every odd one).
         flip_p: horizontal flip probability.
         jitter_p: colour-jitter probability.
         brightness, contrast, saturation: jitter strengths (factor ~ U(max(0, 1-v), 1+v)).
         hue: hue shift ~ U(-hue, hue), 0 <= hue <= 0.5.
         grayscale_p: grayscale probability.
-        global_blur_p: blur probability of global crop 1 and of the later global crops.
+        global_blur_p: blur probabilities of the first and second global recipes (even and odd
+            global crops).
         local_blur_p: blur probability of the local crops.
         blur_sigma: (lo, hi) range of the blur sigma in pixels.
         mean, std: per-channel normalisation.
+        strong_p: probability of the strong recipe (Mugs' student crops; 0 disables it, the
+            default): the global crops from ``strong_from_crop`` on are strong together per image,
+            each local crop independently. Strong = flip, RandAugment (rand-m9-mstd0.5-inc1),
+            normalise, RandomErasing 0.25 (:func:`rand_augment`, :func:`random_erasing`), in
+            place of the weak recipe. After a forward, :attr:`last_weak` (bool [B]) says which
+            images' eligible global crops were weak (None when ``strong_p == 0``).
+        strong_from_crop: the first global crop index the strong recipe may replace.
     """
 
     def __init__(
@@ -221,8 +230,17 @@ class MultiCropAugment(nn.Module):
         blur_sigma: tuple[float, float] = (0.1, 2.0),
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
+        strong_p: float = 0.0,
+        strong_from_crop: int = 2,
     ) -> None:
         super().__init__()
+        if not isinstance(strong_p, (int, float)) or not 0.0 <= float(strong_p) <= 1.0:
+            raise ValueError(f"strong_p must be a probability in [0, 1], got {strong_p!r}")
+        if not isinstance(strong_from_crop, int) or strong_from_crop < 0:
+            raise ValueError(f"strong_from_crop must be an int >= 0, got {strong_from_crop!r}")
+        self.strong_p = float(strong_p)
+        self.strong_from_crop = strong_from_crop
+        self.last_weak: Optional[Tensor] = None
         if not isinstance(local_crops_number, int) or local_crops_number < 0:
             raise ValueError(f"local_crops_number must be an int >= 0, got {local_crops_number!r}")
         probs = {
@@ -405,21 +423,64 @@ class MultiCropAugment(nn.Module):
             return self.sample_params_counter(blur_p, sol_p, seed=int(seed), epoch=int(epoch),
                                               samples=np.tile(ids, n_crops), crops=crops, device=dev)
 
+        if self.strong_p > 0 and ids is None:  # the strong parameters come from the counter hash
+            gen_dev = generator.device if generator is not None else dev
+            ids = torch.randint(0, 2**31 - 1, (b,), generator=generator, device=gen_dev).cpu().numpy()
         out: list[Tensor] = []
         # crop-major rows: row = crop * B + sample
+        # global crops alternate between the two recipes: even crops the first (blur p 1.0, no
+        # solarization), odd crops the second; with G = 2 that is DINO's, with G = 4 (Mugs) the
+        # student's global crops 2, 3 are fresh samples of the teacher's recipes 0, 1
         crop_idx = torch.arange(g).repeat_interleave(b)
-        blur_p = torch.where(crop_idx == 0, self.global_blur_p[0], self.global_blur_p[1])
-        sol_p = torch.where(crop_idx == 0, 0.0, self.solarization_p)
+        first = crop_idx % 2 == 0
+        blur_p = torch.where(first, self.global_blur_p[0], self.global_blur_p[1])
+        sol_p = torch.where(first, 0.0, self.solarization_p)
         params = params_for(0, g, blur_p, sol_p)
-        xg = self.apply(global_crops.transpose(0, 1).reshape(g * b, *global_crops.shape[2:]), params)
+        g_rows = global_crops.transpose(0, 1).reshape(g * b, *global_crops.shape[2:])
+        xg = self.apply(g_rows, params)
+        self.last_weak = None
+        if self.strong_p > 0 and g > self.strong_from_crop:
+            assert ids is not None
+            u = counter_uniform(int(seed), int(epoch), ids, np.full(b, self.strong_from_crop), 1,
+                                first_draw=_STRONG_CHOICE_DRAW)[:, 0]
+            strong_img = torch.from_numpy(u < self.strong_p)
+            self.last_weak = (~strong_img).to(dev)
+            rows = (torch.arange(g * b) >= self.strong_from_crop * b) & strong_img.repeat(g)
+            self._replace_strong(xg, g_rows, rows, params.flip, np.tile(ids, g), crop_idx.numpy(), seed, epoch)
         out.extend(xg.split(b))
         ln = local_crops.shape[1]
         if ln:
             blur_p = torch.full((ln * b,), self.local_blur_p)
             params = params_for(g, ln, blur_p, torch.zeros(ln * b))
-            xl = self.apply(local_crops.transpose(0, 1).reshape(ln * b, *local_crops.shape[2:]), params)
+            l_rows = local_crops.transpose(0, 1).reshape(ln * b, *local_crops.shape[2:])
+            xl = self.apply(l_rows, params)
+            if self.strong_p > 0:
+                assert ids is not None
+                crops = np.repeat(np.arange(g, g + ln, dtype=np.int64), b)
+                u = counter_uniform(int(seed), int(epoch), np.tile(ids, ln), crops, 1, first_draw=_STRONG_CHOICE_DRAW)
+                rows = torch.from_numpy(u[:, 0] < self.strong_p)
+                self._replace_strong(xl, l_rows, rows, params.flip, np.tile(ids, ln), crops, seed, epoch)
             out.extend(xl.split(b))
         return out
+
+    def _replace_strong(self, x: Tensor, crops_u8: Tensor, rows: Tensor, flip: Tensor, samples: np.ndarray,
+                        crop_ids: np.ndarray, seed: int, epoch: int) -> None:
+        """Overwrite the rows ``rows`` (bool [N]) of the weakly augmented ``x`` with the strong
+        recipe of their uint8 crops: flip, RandAugment, normalise, RandomErasing (in place)."""
+        idx = rows.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return
+        sel = idx.numpy()
+        h, w = crops_u8.shape[-2:]
+        sp = strong_params_counter(int(seed), int(epoch), samples[sel], crop_ids[sel], h, w)
+        dev_idx = idx.to(x.device)
+        y = crops_u8[dev_idx].to(torch.float32).mul_(1.0 / 255.0)
+        fl = flip.to(x.device)[dev_idx]
+        y = torch.where(fl.view(-1, 1, 1, 1), y.flip(-1), y)
+        y = rand_augment(y, sp)
+        inv_std = 1.0 / self.std.to(y.device)
+        y = torch.addcmul(-self.mean.to(y.device) * inv_std, y, inv_std)
+        x[dev_idx] = random_erasing(y, sp)
 
     def extra_repr(self) -> str:
         return (
@@ -427,3 +488,230 @@ class MultiCropAugment(nn.Module):
             f"jitter_ranges={self.jitter_ranges}, grayscale_p={self.grayscale_p}, global_blur_p={self.global_blur_p}, "
             f"local_blur_p={self.local_blur_p}, blur_sigma={self.blur_sigma}, solarization_p={self.solarization_p}"
         )
+
+
+# ------------------------------------------------------------------------------------------------
+# Strong augmentation (Mugs' student crops): RandAugment "rand-m9-mstd0.5-inc1" and RandomErasing
+# ------------------------------------------------------------------------------------------------
+# timm's increasing RandAugment ops, in timm's order (_RAND_INCREASING_TRANSFORMS)
+RAND_OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
+            "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
+            "ShearX", "ShearY", "TranslateXRel", "TranslateYRel")
+RAND_FILL = (124, 116, 104)  # timm's img_mean fill of the geometric ops (ImageNet mean in levels)
+_STRONG_DRAW0 = 256  # first draw of the strong-augmentation parameters in a crop's stream
+_STRONG_CHOICE_DRAW = 320  # the draw that decides strong / weak (of crop strong_from_crop for global crops)
+_STRONG_LAYER_DRAWS = 5  # op, apply, 2 for the Gaussian magnitude, sign
+_ERASE_DRAWS = 1 + 40 + 1  # apply, 10 attempts x (area, ratio, top, left), noise seed
+
+
+@dataclass
+class StrongParams:
+    """Per-crop parameters of RandAugment + RandomErasing (N crops, on one device).
+
+    Attributes:
+        op: int64 [N, L] index into :data:`RAND_OPS` of each of the L layers.
+        apply: bool [N, L] whether the layer's op runs (timm: probability 0.5).
+        magnitude: float32 [N, L] in [0, 10] (Gaussian around the base magnitude, clipped).
+        negate: bool [N, L] the sign of the signed ops (rotate, shear, translate, enhance).
+        erase_box: int64 [N, 4] ``(top, left, h, w)`` of the erased rectangle, ``h = 0``: none.
+        noise_seed: int64 [N] seed of the erased pixels' N(0, 1) noise.
+    """
+
+    op: Tensor
+    apply: Tensor
+    magnitude: Tensor
+    negate: Tensor
+    erase_box: Tensor
+    noise_seed: Tensor
+
+
+def strong_params_counter(
+    seed: int, epoch: int, samples: np.ndarray, crops: np.ndarray, height: int, width: int, *,
+    num_layers: int = 2, magnitude: float = 9.0, magnitude_std: float = 0.5, prob: float = 0.5,
+    erase_p: float = 0.25, erase_scale: tuple[float, float] = (0.02, 1.0 / 3.0),
+    erase_ratio: tuple[float, float] = (0.3, 1.0 / 0.3),
+) -> StrongParams:
+    """The parameters of N crops from the counter hash of (seed, epoch, sample, crop) (draws from
+    :data:`_STRONG_DRAW0` on, so a sample's parameters do not depend on the batch nor on the rank).
+
+    timm semantics: each of ``num_layers`` layers picks one of the 15 ops uniformly (with
+    replacement) and runs it with probability ``prob`` at magnitude ``N(magnitude, magnitude_std)``
+    clipped to [0, 10]; RandomErasing (``erase_p``) tries 10 times for a box of area
+    ``U(erase_scale)`` of the crop and log-uniform aspect ``erase_ratio`` that fits strictly.
+    """
+    samples = np.asarray(samples, dtype=np.int64)
+    crops = np.asarray(crops, dtype=np.int64)
+    n_draws = num_layers * _STRONG_LAYER_DRAWS + _ERASE_DRAWS
+    u = counter_uniform(seed, epoch, samples, crops, n_draws, first_draw=_STRONG_DRAW0).astype(np.float64)
+    n = samples.shape[0]
+    lay = u[:, : num_layers * _STRONG_LAYER_DRAWS].reshape(n, num_layers, _STRONG_LAYER_DRAWS)
+    op = np.minimum((lay[..., 0] * len(RAND_OPS)).astype(np.int64), len(RAND_OPS) - 1)
+    gauss = np.sqrt(-2.0 * np.log1p(-lay[..., 2])) * np.cos(2.0 * np.pi * lay[..., 3])
+    mag = np.clip(magnitude + magnitude_std * gauss, 0.0, 10.0) if magnitude_std > 0 else np.full(op.shape, magnitude)
+    e = u[:, num_layers * _STRONG_LAYER_DRAWS:]
+    box = np.zeros((n, 4), dtype=np.int64)
+    area = float(height * width)
+    for i in range(n):
+        if e[i, 0] >= erase_p:
+            continue
+        for a in range(10):
+            ua, ur, ut, ul = e[i, 1 + 4 * a: 5 + 4 * a]
+            target = area * (erase_scale[0] + (erase_scale[1] - erase_scale[0]) * ua)
+            lo, hi = math.log(erase_ratio[0]), math.log(erase_ratio[1])
+            aspect = math.exp(lo + (hi - lo) * ur)
+            h = int(round(math.sqrt(target * aspect)))
+            w = int(round(math.sqrt(target / aspect)))
+            if 0 < w < width and 0 < h < height:
+                box[i] = (int(ut * (height - h + 1)), int(ul * (width - w + 1)), h, w)
+                break
+    return StrongParams(
+        op=torch.from_numpy(op), apply=torch.from_numpy(lay[..., 1] < prob),
+        magnitude=torch.from_numpy(mag.astype(np.float32)), negate=torch.from_numpy(lay[..., 4] < 0.5),
+        erase_box=torch.from_numpy(box), noise_seed=torch.from_numpy((e[:, -1] * 2**31).astype(np.int64)),
+    )
+
+
+def _affine_matrices(op: str, m: Tensor, neg: Tensor, h: int, w: int) -> Tensor:
+    """[n, 2, 3] output -> input maps (PIL's AFFINE convention, continuous pixel coordinates with
+    pixel centres at +0.5) of the geometric ops at magnitudes ``m`` with signs ``neg``."""
+    n = m.shape[0]
+    sign = torch.where(neg, -1.0, 1.0).to(torch.float64)
+    lv = m.to(torch.float64) / 10.0
+    mat = torch.zeros(n, 2, 3, dtype=torch.float64)
+    mat[:, 0, 0] = 1.0
+    mat[:, 1, 1] = 1.0
+    if op == "ShearX":
+        mat[:, 0, 1] = lv * 0.3 * sign
+    elif op == "ShearY":
+        mat[:, 1, 0] = lv * 0.3 * sign
+    elif op == "TranslateXRel":
+        mat[:, 0, 2] = lv * 0.45 * sign * w
+    elif op == "TranslateYRel":
+        mat[:, 1, 2] = lv * 0.45 * sign * h
+    else:  # Rotate: PIL's img.rotate(deg) (counter-clockwise) about the centre (w/2, h/2)
+        a = -torch.deg2rad(lv * 30.0 * sign)
+        c, s = torch.cos(a), torch.sin(a)
+        cx, cy = w / 2.0, h / 2.0
+        mat[:, 0, 0], mat[:, 0, 1], mat[:, 1, 0], mat[:, 1, 1] = c, s, -s, c
+        mat[:, 0, 2] = cx - c * cx - s * cy
+        mat[:, 1, 2] = cy + s * cx - c * cy
+    return mat
+
+
+def _geometric(x: Tensor, mat: Tensor, fill: Tensor) -> Tensor:
+    """Bilinear affine warp of levels ``x`` [n, 3, H, W] by output->input ``mat`` [n, 2, 3];
+    outside the input: ``fill`` [3] (PIL's fillcolor)."""
+    n, _, h, w = x.shape
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float64) + 0.5, torch.arange(w, dtype=torch.float64) + 0.5,
+                            indexing="ij")
+    pts = torch.stack([xs, ys, torch.ones_like(xs)], -1).view(1, h * w, 3)
+    src = pts @ mat.transpose(1, 2)                                        # [n, H*W, 2] input coords
+    inside = (src[..., 0] >= 0) & (src[..., 0] < w) & (src[..., 1] >= 0) & (src[..., 1] < h)
+    grid = torch.stack([2 * src[..., 0] / w - 1, 2 * src[..., 1] / h - 1], -1).view(n, h, w, 2).to(x.dtype)
+    out = F.grid_sample(x, grid.to(x.device), mode="bilinear", padding_mode="border", align_corners=False)
+    keep = inside.view(n, 1, h, w).to(x.device)
+    return torch.where(keep, out, fill.view(1, 3, 1, 1).to(x.dtype).to(x.device))
+
+
+def _gray_levels(x: Tensor) -> Tensor:
+    """PIL's ``convert('L')`` of levels [n, 3, H, W]: ``(19595 R + 38470 G + 7471 B + 2^15) >> 16``."""
+    return torch.floor((x[:, 0:1] * 19595 + x[:, 1:2] * 38470 + x[:, 2:3] * 7471 + 32768) / 65536.0)
+
+
+def _blend(degenerate: Tensor, x: Tensor, f: Tensor) -> Tensor:
+    """PIL ``Image.blend(degenerate, x, f)`` on levels: clipped to [0, 255], truncated (PIL's cast)."""
+    return torch.floor((degenerate + f.view(-1, 1, 1, 1) * (x - degenerate)).clamp_(0.0, 255.0))
+
+
+def _equalize(x: Tensor) -> Tensor:
+    """PIL ``ImageOps.equalize`` per image and channel on integer levels [n, 3, H, W]."""
+    n, c, h, w = x.shape
+    v = x.long().view(n * c, h * w)
+    hist = torch.zeros(n * c, 256, dtype=torch.long, device=x.device).scatter_add_(1, v, torch.ones_like(v))
+    last = 255 - torch.flip((hist > 0).long(), [1]).argmax(1)               # last non-empty level
+    step = (hist.sum(1) - hist.gather(1, last[:, None])[:, 0]) // 255
+    cum = torch.cumsum(hist, 1) - hist                                      # n before level i
+    lut = torch.clamp((cum + (step // 2)[:, None]) // step.clamp_min(1)[:, None], max=255)
+    lut = torch.where((step > 0)[:, None], lut, torch.arange(256, device=x.device).expand(n * c, 256))
+    return lut.gather(1, v).view(n, c, h, w).to(x.dtype)
+
+
+def _sharpness_degenerate(x: Tensor) -> Tensor:
+    """PIL's ``ImageFilter.SMOOTH`` ([[1,1,1],[1,5,1],[1,1,1]] / 13, rounded), borders kept."""
+    k = torch.tensor([[1.0, 1.0, 1.0], [1.0, 5.0, 1.0], [1.0, 1.0, 1.0]], dtype=x.dtype, device=x.device) / 13.0
+    n, c, h, w = x.shape
+    y = F.conv2d(x.reshape(n * c, 1, h, w), k.view(1, 1, 3, 3)).view(n, c, h - 2, w - 2)
+    out = x.clone()
+    out[:, :, 1:-1, 1:-1] = torch.floor(y + 0.5)
+    return out
+
+
+def _apply_op(name: str, x: Tensor, m: Tensor, neg: Tensor) -> Tensor:
+    """One RandAugment op on levels ``x`` [n, 3, H, W] (float, integer-valued in [0, 255]) at
+    magnitudes ``m`` [n] and signs ``neg`` [n]; returns integer-valued levels (PIL's uint8 result)."""
+    lv = (m / 10.0).to(x.dtype).to(x.device)
+    sign = torch.where(neg, -1.0, 1.0).to(x.dtype).to(x.device)
+    if name == "AutoContrast":
+        lo = x.amin((2, 3), keepdim=True)
+        hi = x.amax((2, 3), keepdim=True)
+        scale = 255.0 / (hi - lo).clamp_min(1.0)
+        out = torch.floor(x * scale - lo * scale).clamp_(0, 255)             # PIL: int(i * scale + offset)
+        return torch.where(hi > lo, out, x)
+    if name == "Equalize":
+        return _equalize(x)
+    if name == "Invert":
+        return 255.0 - x
+    if name in ("Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"):
+        mat = _affine_matrices(name, m, neg, x.shape[2], x.shape[3])
+        return torch.floor(_geometric(x, mat, torch.tensor(RAND_FILL, dtype=x.dtype)) + 0.5).clamp_(0, 255)
+    if name == "PosterizeIncreasing":
+        bits = (4 - torch.floor(lv * 4)).view(-1, 1, 1, 1)                    # 4 - int(level * 4)
+        q = torch.pow(2.0, 8 - bits)
+        return torch.floor(x / q) * q
+    if name == "SolarizeIncreasing":
+        thresh = (256 - torch.floor(lv * 256)).view(-1, 1, 1, 1)
+        return torch.where(x >= thresh, 255.0 - x, x)
+    if name == "SolarizeAdd":
+        add = torch.floor(lv * 110).view(-1, 1, 1, 1)
+        return torch.where(x < 128, (x + add).clamp_(max=255.0), x)
+    f = 1.0 + sign * lv * 0.9                                                # the enhance ops' factor
+    if name == "ColorIncreasing":
+        return _blend(_gray_levels(x).expand_as(x), x, f)
+    if name == "ContrastIncreasing":
+        mean = torch.floor(_gray_levels(x).mean((1, 2, 3), keepdim=True) + 0.5)
+        return _blend(mean.expand_as(x), x, f)
+    if name == "BrightnessIncreasing":
+        return _blend(torch.zeros_like(x), x, f)
+    if name == "SharpnessIncreasing":
+        return _blend(_sharpness_degenerate(x), x, f)
+    raise ValueError(f"unknown RandAugment op {name!r}; expected one of {RAND_OPS}")
+
+
+def rand_augment(x: Tensor, params: StrongParams) -> Tensor:
+    """Batched RandAugment of float RGB ``x`` [N, 3, H, W] in [0, 1] (quantised to 8-bit levels,
+    as PIL images are); returns float [N, 3, H, W] in [0, 1]. Each sample runs its own layers
+    (``params.op``/``apply``/``magnitude``/``negate``, [N, L]); samples that share an op in a layer
+    run it in one batched call. Geometric ops are bilinear (timm draws bilinear or bicubic)."""
+    if x.dim() != 4 or x.shape[1] != 3 or not x.is_floating_point():
+        raise TypeError(f"x: expected float RGB [N, 3, H, W], got {x.dtype} {tuple(x.shape)}")
+    if params.op.shape[0] != x.shape[0]:
+        raise ValueError(f"params: expected {x.shape[0]} rows (one per image), got {params.op.shape[0]}")
+    y = torch.floor(x.clamp(0.0, 1.0) * 255.0 + 0.5)
+    dev = x.device
+    for layer in range(params.op.shape[1]):
+        for k, name in enumerate(RAND_OPS):
+            idx = ((params.op[:, layer] == k) & params.apply[:, layer]).nonzero().squeeze(1)
+            if idx.numel():
+                y[idx.to(dev)] = _apply_op(name, y[idx.to(dev)], params.magnitude[idx, layer], params.negate[idx, layer])
+    return y / 255.0
+
+
+def random_erasing(x: Tensor, params: StrongParams) -> Tensor:
+    """timm's ``RandomErasing(mode='pixel')`` on normalised ``x`` [N, 3, H, W]: each sample's box
+    (``params.erase_box``, ``h = 0``: none) is filled with N(0, 1) noise from its own seed."""
+    out = x.clone()
+    for i in (params.erase_box[:, 2] > 0).nonzero().squeeze(1).tolist():
+        top, left, h, w = (int(v) for v in params.erase_box[i])
+        g = torch.Generator().manual_seed(int(params.noise_seed[i]))
+        out[i, :, top:top + h, left:left + w] = torch.randn((3, h, w), generator=g).to(x.dtype).to(x.device)
+    return out

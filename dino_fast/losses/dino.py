@@ -5,13 +5,15 @@ is :class:`dino_fast.losses.centering.CenterEMA`.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from dino_fast.losses.centering import CenterEMA
 from dino_fast.ops.backend import check_backend
-from dino_fast.ops.soft_ce.checks import TensorOrCrops, as_2d, check_int, check_temp
+from dino_fast.ops.soft_ce.checks import TensorOrCrops, as_2d, check_crop_weights, check_int, check_temp
 from dino_fast.ops.soft_ce.eager import Workspace
 from dino_fast.ops.soft_ce.function import dino_loss_with_colsum
 from dino_fast.utils.finite import check_finite
@@ -40,6 +42,9 @@ class DINOLoss(nn.Module):
             Eager mode only (its Python-side state does not trace under torch.compile).
         check_finite: check both inputs for NaN/inf and raise :class:`NonFiniteError` naming the
             crop and row (costs a read of the inputs and a host sync).
+        crop_weights: optional weight of every pair (teacher i, student v != i) by student crop v
+            (``ncrops`` floats; Mugs' group loss passes :func:`dino_fast.losses.mugs.mugs_crop_weights`);
+            None: the official uniform ``1/n_terms``.
     """
 
     def __init__(
@@ -57,6 +62,7 @@ class DINOLoss(nn.Module):
         n_teacher: int = 2,
         async_center: bool = False,
         check_finite: bool = False,
+        crop_weights: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
         out_dim = check_int("out_dim", out_dim, 1)
@@ -76,6 +82,7 @@ class DINOLoss(nn.Module):
         self.backend = check_backend(backend)
         self.async_center = bool(async_center)
         self.check_finite = bool(check_finite)
+        self.crop_weights = check_crop_weights(crop_weights, self.ncrops)
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.teacher_temp_schedule = teacher_temp_schedule(warmup_teacher_temp, teacher_temp, warm, nepochs)
         self._temps = [float(t) for t in self.teacher_temp_schedule]
@@ -107,6 +114,7 @@ class DINOLoss(nn.Module):
         loss, colsum = dino_loss_with_colsum(
             student_output, T, self.center, ncrops=self.ncrops, student_temp=self.student_temp,
             teacher_temp=temp, backend=self.backend, n_teacher=self.n_teacher, workspace=self._workspace,
+            crop_weights=self.crop_weights,
         )
         self._centering.update(self.center, colsum, T.shape[0])
         return loss

@@ -137,6 +137,25 @@ class Method(nn.Module):
         """A fresh mixed-precision context for the networks (a no-op unless the trainer set one)."""
         return self._autocast()
 
+    @classmethod
+    def extra_global_crops(cls, cfg: TrainConfig) -> int:
+        """Global crops the loader adds after the ``data.global_crops_number`` teacher crops, for a
+        student that must not see the teacher's crops (Mugs: 2); default 0. ``forward_step`` then
+        gets ``data.global_crops_number + extra`` global crops first; they alternate between the
+        two global augmentation recipes like the teacher's (:class:`dino_fast.data.MultiCropAugment`)."""
+        return 0
+
+    @classmethod
+    def strong_augmentation(cls, cfg: TrainConfig) -> tuple[float, int]:
+        """``(p, first crop)`` of the strong student recipe of :class:`dino_fast.data.MultiCropAugment`
+        (``strong_p``, ``strong_from_crop``); default ``(0.0, 0)``: none. With ``p > 0`` the trainer
+        calls :meth:`set_weak_flags` with the batch's flags before each :meth:`forward_step`."""
+        return 0.0, 0
+
+    def set_weak_flags(self, weak: Optional[Tensor]) -> None:
+        """Which images' strong-eligible global crops were weakly augmented this step (bool [B] on
+        the device), or None; default: ignored."""
+
     def ema_modules(self) -> tuple[nn.Module, nn.Module]:
         """``(teacher side, student side)`` of the teacher EMA; default ``(teacher, student)``."""
         return self.teacher, self.student

@@ -17,7 +17,7 @@ __all__ = ["METHODS", "register_method", "method_names", "get_method", "build_me
 M = TypeVar("M", bound=type)
 METHODS: dict[str, type[Method]] = {}
 # built-in methods: name -> module that registers it (imported by get_method on first use)
-_BUILTIN = {"dino": "dino_fast.methods.dino", "dinov2": "dino_fast.methods.dinov2"}
+_BUILTIN = {"dino": "dino_fast.methods.dino", "dinov2": "dino_fast.methods.dinov2", "mugs": "dino_fast.methods.mugs"}
 
 
 def register_method(name: str) -> Callable[[M], M]:

@@ -35,6 +35,9 @@ __all__ = [
     "ReferenceDINOAugmentation",
     "ReferenceMultiCropDataset",
     "build_reference_loader",
+    "rand_augment_op_reference",
+    "rand_augment_reference",
+    "random_erasing_reference",
 ]
 
 
@@ -216,3 +219,79 @@ def build_reference_loader(
     if seed is not None:
         g.manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=num_workers, drop_last=True, generator=g)
+
+
+# ------------------------------------------------------------------------------------------------
+# Strong augmentation (Mugs): timm's RandAugment "rand-m9-mstd0.5-inc1" ops and RandomErasing,
+# per image with PIL, from given parameters (the yardstick of dino_fast.data.augment.rand_augment)
+# ------------------------------------------------------------------------------------------------
+RAND_FILL = (124, 116, 104)
+
+
+def _signed(v: float, negate: bool) -> float:
+    return -v if negate else v
+
+
+def rand_augment_op_reference(img: Image.Image, name: str, magnitude: float, negate: bool) -> Image.Image:
+    """One timm RandAugment op (increasing variants) on an RGB PIL image, as timm's ``AugmentOp``
+    computes it at ``magnitude`` (in [0, 10]) with the sign ``negate``; geometric ops bilinear
+    with timm's mean fill."""
+    level = magnitude / 10.0
+    kw = dict(resample=Image.BILINEAR, fillcolor=RAND_FILL)
+    if name == "AutoContrast":
+        return ImageOps.autocontrast(img)
+    if name == "Equalize":
+        return ImageOps.equalize(img)
+    if name == "Invert":
+        return ImageOps.invert(img)
+    if name == "Rotate":
+        return img.rotate(_signed(level * 30.0, negate), **kw)
+    if name == "PosterizeIncreasing":
+        bits = 4 - int(level * 4)
+        return img if bits >= 8 else ImageOps.posterize(img, bits)
+    if name == "SolarizeIncreasing":
+        return ImageOps.solarize(img, 256 - int(level * 256))
+    if name == "SolarizeAdd":
+        add = int(level * 110)
+        lut = [min(255, i + add) if i < 128 else i for i in range(256)]
+        return img.point(lut * 3)
+    factor = 1.0 + _signed(level * 0.9, negate)
+    if name == "ColorIncreasing":
+        return ImageEnhance.Color(img).enhance(factor)
+    if name == "ContrastIncreasing":
+        return ImageEnhance.Contrast(img).enhance(factor)
+    if name == "BrightnessIncreasing":
+        return ImageEnhance.Brightness(img).enhance(factor)
+    if name == "SharpnessIncreasing":
+        return ImageEnhance.Sharpness(img).enhance(factor)
+    shear = _signed(level * 0.3, negate)
+    shift = _signed(level * 0.45, negate)
+    if name == "ShearX":
+        return img.transform(img.size, Image.AFFINE, (1, shear, 0, 0, 1, 0), **kw)
+    if name == "ShearY":
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0, shear, 1, 0), **kw)
+    if name == "TranslateXRel":
+        return img.transform(img.size, Image.AFFINE, (1, 0, shift * img.size[0], 0, 1, 0), **kw)
+    if name == "TranslateYRel":
+        return img.transform(img.size, Image.AFFINE, (1, 0, 0, 0, 1, shift * img.size[1]), **kw)
+    raise ValueError(f"unknown RandAugment op {name!r}")
+
+
+def rand_augment_reference(img: Image.Image, ops: Sequence[str], apply: Sequence[bool], magnitudes: Sequence[float],
+                           negate: Sequence[bool]) -> Image.Image:
+    """timm's ``RandAugment.__call__`` on one image with its layers' drawn parameters."""
+    for name, on, m, neg in zip(ops, apply, magnitudes, negate):
+        if on:
+            img = rand_augment_op_reference(img, name, float(m), bool(neg))
+    return img
+
+
+def random_erasing_reference(x: torch.Tensor, box: Sequence[int], noise_seed: int) -> torch.Tensor:
+    """timm's ``RandomErasing(mode='pixel')`` of one normalised ``[3, H, W]`` tensor at the drawn
+    box ``(top, left, h, w)`` (``h = 0``: unchanged), the noise from ``noise_seed``."""
+    top, left, h, w = (int(v) for v in box)
+    out = x.clone()
+    if h > 0:
+        g = torch.Generator().manual_seed(int(noise_seed))
+        out[:, top:top + h, left:left + w] = torch.randn((3, h, w), generator=g).to(x.dtype)
+    return out

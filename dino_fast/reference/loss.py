@@ -10,6 +10,8 @@ It is deliberately unfused: training never uses it; every fast path is compared 
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -29,6 +31,7 @@ def dino_loss_reference(
     student_temp: float,
     teacher_temp: float,
     n_teacher: int = 2,
+    crop_weights: Optional[Sequence[float]] = None,
 ) -> torch.Tensor:
     """The DINO loss as a loop over crop pairs (the official algorithm).
 
@@ -39,10 +42,12 @@ def dino_loss_reference(
         center: (1, K) or (K,) center.
         ncrops: number of student crops; n_teacher: number of teacher crops (2 in DINO).
         student_temp / teacher_temp: temperatures tau_s, tau_t.
+        crop_weights: optional weight per student crop v of each pair (i, v != i); the loss is
+            then the weighted sum of the pair terms instead of their mean (Mugs' group loss).
 
     Returns:
         0-dim tensor of ``student``'s dtype: mean over pairs of mean over images of
-        ``H(q_i, p_v)``.
+        ``H(q_i, p_v)`` (or ``sum w_v * mean_b H(q_i, p_v)`` over the pairs with crop weights).
     """
     student_out = student / student_temp
     student_out = student_out.chunk(ncrops)
@@ -55,9 +60,12 @@ def dino_loss_reference(
             if v == iq:
                 continue
             loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-            total_loss = total_loss + loss.mean()
+            if crop_weights is None:
+                total_loss = total_loss + loss.mean()
+            else:
+                total_loss = total_loss + crop_weights[v] * loss.mean()
             n_loss_terms += 1
-    return total_loss / n_loss_terms
+    return total_loss / n_loss_terms if crop_weights is None else total_loss
 
 
 def dino_loss_dinov2_composition(
@@ -155,6 +163,7 @@ class DINOLossReference(nn.Module):
 
 def combine_partials_reference(
     smax: Tensor, ssum: Tensor, tmax: Tensor, tsum: Tensor, dots: Tensor, n_teacher: int,
+    crop_weights: Optional[Sequence[float]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Turn per-chunk partials into the loss and the per-row statistics the backward needs: the
     eager formula of the Triton forward's last step (dino_fast/ops/soft_ce/kernels.py ``_dino_combine_kernel``,
@@ -164,6 +173,7 @@ def combine_partials_reference(
         smax, ssum: (ncrops, B, n) chunk max of S/tau_s and sum of exp(S/tau_s - chunk max).
         tmax, tsum: (n_teacher, B, n) the same for (T - c)/tau_t.
         dots: (ncrops, B, n_teacher, n): sum_k exp((T_i - c)/tau_t - chunk max_i) * S_v/tau_s.
+        crop_weights: optional pair weight per student crop (default: 1/n_terms each).
 
     Returns:
         loss (0-dim), lse (ncrops*B,), teacher max (n_teacher*B,), teacher sum-exp (n_teacher*B,).
@@ -180,7 +190,11 @@ def combine_partials_reference(
     pair = (v != i).to(smax.dtype)                            # (ncrops, NT): 1 where (i, v) is a term
     nq = pair.sum(1)                                          # |Q_v|
     n_terms = n_teacher * ncrops - n_teacher
-    loss = ((nq.unsqueeze(1) * lse).sum() - (qdot * pair.unsqueeze(1)).sum()) / (B * n_terms)
+    per_crop = (nq.unsqueeze(1) * lse).sum(1) - (qdot * pair.unsqueeze(1)).sum((1, 2))   # (ncrops,)
+    if crop_weights is None:
+        loss = per_crop.sum() / (B * n_terms)
+    else:
+        loss = (torch.tensor(crop_weights, dtype=per_crop.dtype, device=per_crop.device) * per_crop).sum() / B
     return loss, lse.reshape(-1), TM.reshape(-1), TZ.reshape(-1)
 
 

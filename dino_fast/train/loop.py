@@ -54,7 +54,7 @@ from dino_fast.data.builtin import ensure_builtin_dataset
 from dino_fast.eval.collapse import collapse_stats, diagnose
 from dino_fast.eval.knn import knn_eval_backbone, run_eval_roots
 from dino_fast.eval.linear import linear_eval_backbone
-from dino_fast.methods import BatchInfo, Method, StepOutput, build_backbone, build_method
+from dino_fast.methods import BatchInfo, Method, StepOutput, build_backbone, build_method, get_method
 from dino_fast.ops.ema import NonFiniteEMAError, TeacherEMA
 from dino_fast.train.optim import build_adamw, cancel_gradients_last_layer, clip_gradients
 from dino_fast.train.precision import autocast_context, resolve_precision, set_speed_flags
@@ -156,7 +156,9 @@ class Trainer:
             self.loader = build_multicrop_loader(
                 MultiCropConfig(
                     root=str(root), backend=cfg.data.backend,
-                    global_crops_number=cfg.data.global_crops_number,
+                    # the teacher's global crops plus any separate student global crops (Mugs)
+                    global_crops_number=cfg.data.global_crops_number
+                    + get_method(cfg.method.name).extra_global_crops(cfg),
                     global_crops_size=cfg.data.global_crops_size,
                     global_crops_scale=tuple(cfg.data.global_crops_scale),
                     local_crops_number=cfg.data.local_crops_number,
@@ -187,6 +189,7 @@ class Trainer:
             local_crops_number=cfg.data.local_crops_number, blur_sigma=tuple(cfg.data.blur_sigma),
             jitter_p=cfg.data.jitter_p, brightness=cfg.data.color_jitter[0], contrast=cfg.data.color_jitter[1],
             saturation=cfg.data.color_jitter[2], hue=cfg.data.color_jitter[3], grayscale_p=cfg.data.grayscale_p,
+            **dict(zip(("strong_p", "strong_from_crop"), get_method(cfg.method.name).strong_augmentation(cfg))),
         ).to(self.device)
 
         # the method: student, teacher, losses and their state
@@ -438,6 +441,8 @@ class Trainer:
         crops = self.augment(global_crops.to(self.device, non_blocking=nb),
                              local_crops.to(self.device, non_blocking=nb), generator=gen,
                              sample_ids=sample_ids, seed=cfg.train.seed, epoch=epoch)
+        if self.augment.strong_p > 0:
+            self.method.set_weak_flags(self.augment.last_weak)
         return self.step_on_crops(crops, epoch, it)
 
     def step_on_crops(self, crops: Sequence[torch.Tensor], epoch: int, it: int) -> float:

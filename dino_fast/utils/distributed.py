@@ -98,6 +98,18 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+@torch.no_grad()
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` ``[n, ...]`` over ranks along dim 0, rank-major (rank 0's rows first); no
+    gradient. Every rank must pass the same shape. Returns ``t`` itself in a single process."""
+    if not is_dist():
+        return t
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts, dim=0)
+
+
 def broadcast_object(obj: object, src: int = 0) -> object:
     """Broadcast a picklable object from ``src`` to every rank (identity in a single process)."""
     if not is_dist():

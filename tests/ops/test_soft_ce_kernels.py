@@ -130,7 +130,7 @@ for dt in ("fp32", "bf16"):
              "n_tiles": "i32", "imgs_per_group": "i32", "inv_tau_s": "fp32", "inv_tau_t": "fp32",
              "BLOCK_K": "constexpr", "NT_P2": "constexpr"}
     sig_b = {"S": f"*{dt}", "T": f"*{dt}", "C": "*fp32", "G": f"*{dt}", "GOUT": "*fp32", "LSE": "*fp32",
-             "TMAX": "*fp32", "TZINV": "*fp32", **{n: "i32" for n in ints}, "stride_g": "i32",
+             "TMAX": "*fp32", "TZINV": "*fp32", "W": "*fp32", **{n: "i32" for n in ints}, "stride_g": "i32",
              "imgs_per_group": "i32", "inv_tau_s": "fp32", "inv_tau_t": "fp32", "grad_scale": "fp32",
              "BLOCK_K": "constexpr", "NT_P2": "constexpr"}
     for arch in (80, 90):
@@ -140,7 +140,7 @@ for dt in ("fp32", "bf16"):
                             registers=r.registers, stack=r.stack, local=r.local,
                             spill_stores=r.spill_stores, spill_loads=r.spill_loads, spills=r.spills))
 from dino_fast.ops.soft_ce.kernels import _dino_combine_kernel
-sig_c = {n: "*fp32" for n in ["SMAX", "SSUM", "TMAX", "TSUM", "DOT", "LSE", "TMOUT", "TZOUT", "LOSS_PART"]}
+sig_c = {n: "*fp32" for n in ["SMAX", "SSUM", "TMAX", "TSUM", "DOT", "W", "LSE", "TMOUT", "TZOUT", "LOSS_PART"]}
 sig_c.update({"B": "i32", "NCROPS": "i32", "NTEACH": "i32", "n_tiles": "i32", "inv_terms": "fp32",
               "N_P2": "constexpr", "NT_P2": "constexpr"})
 from dino_fast.ops.soft_ce.kernels import COMBINE_NUM_WARPS
@@ -206,7 +206,8 @@ def test_combine_kernel_matches_the_eager_formula(B, ncrops, n_teacher, n):
                                       dots.double().view(ncrops, B, n_teacher, n), n_teacher)
     lse, TM, TZ, part = (torch.full((k,), float("nan")) for k in (ncrops * B, n_teacher * B, n_teacher * B, B))
     n_terms = n_teacher * ncrops - n_teacher
-    _dino_combine_kernel[(B,)](smax, ssum, tmax, tsum, dots, lse, TM, TZ, part, B, ncrops, n_teacher, n,
+    _dino_combine_kernel[(B,)](smax, ssum, tmax, tsum, dots, torch.ones(ncrops), lse, TM, TZ, part, B, ncrops,
+                               n_teacher, n,
                                1.0 / (B * n_terms), N_P2=triton.next_power_of_2(n),
                                NT_P2=triton.next_power_of_2(n_teacher))
     assert rel(part.sum(), want[0]) < 1e-5

@@ -5,13 +5,14 @@ Every check raises TypeError/ValueError naming the argument, what was expected a
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TensorOrCrops", "FLOAT_DTYPES", "as_2d", "check_temp", "check_int", "check_inputs", "math_dtype"]
+__all__ = ["TensorOrCrops", "FLOAT_DTYPES", "as_2d", "check_temp", "check_int", "check_inputs", "math_dtype",
+           "check_crop_weights"]
 
 TensorOrCrops = Union[Tensor, Sequence[Tensor]]
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -97,3 +98,34 @@ def check_inputs(
 def math_dtype(*ts: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
+
+def check_crop_weights(crop_weights: object, ncrops: int) -> Optional[tuple[float, ...]]:
+    """Validate per-student-crop pair weights; return them as a tuple of floats (None stays None).
+
+    ``crop_weights[v]`` is the weight of every pair (teacher crop i, student crop v != i): the loss
+    is ``sum_v w_v * sum_{i != v} mean_b H(q_ib, p_vb)``. ``None`` means the official uniform
+    ``1 / n_terms``. Expected: a sequence (or 1-D tensor) of ``ncrops`` finite floats >= 0, not all 0.
+    """
+    if crop_weights is None:
+        return None
+    if isinstance(crop_weights, Tensor):
+        if crop_weights.dim() != 1:
+            raise ValueError(f"crop_weights: expected a 1-D tensor of {ncrops} weights, got shape "
+                             f"{tuple(crop_weights.shape)}")
+        crop_weights = crop_weights.detach().cpu().double().tolist()
+    if isinstance(crop_weights, (str, bytes)) or not isinstance(crop_weights, Sequence):
+        raise TypeError(f"crop_weights: expected a sequence of {ncrops} floats or None, got "
+                        f"{type(crop_weights).__name__}")
+    if len(crop_weights) != ncrops:
+        raise ValueError(f"crop_weights: expected {ncrops} weights (one per student crop), got {len(crop_weights)}")
+    out = []
+    for v, w in enumerate(crop_weights):
+        if isinstance(w, bool) or not isinstance(w, (int, float, np.integer, np.floating)):
+            raise TypeError(f"crop_weights[{v}]: expected a float, got {type(w).__name__} {w!r}")
+        w = float(w)
+        if not (math.isfinite(w) and w >= 0.0):
+            raise ValueError(f"crop_weights[{v}]: expected a finite float >= 0, got {w!r}")
+        out.append(w)
+    if not any(w > 0 for w in out):
+        raise ValueError(f"crop_weights: expected at least one weight > 0, got {out}")
+    return tuple(out)

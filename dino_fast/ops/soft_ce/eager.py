@@ -73,13 +73,15 @@ def _group_images(B: int, K: int) -> int:
 def soft_ce_forward_torch(
     S: Tensor, T: Tensor, c: Tensor, ncrops: int, n_teacher: int, tau_s: float, tau_t: float,
     out: Optional[Tensor] = None, workspace: Optional["Workspace"] = None,
+    crop_weights: Optional[Sequence[float]] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Eager fast-path forward with the gradient computed in the same pass.
 
     Args: S (ncrops*B, K) and T (n_teacher*B, K) with unit column stride, c (K,), ``out`` an
     optional (ncrops*B, K) tensor of S's dtype to receive the gradient (may be S itself),
     ``workspace`` an optional :class:`Workspace` that recycles the gradient and chunk buffers
-    between calls (see there).
+    between calls (see there), ``crop_weights`` optional per-student-crop pair weights (validated
+    floats, see :func:`~dino_fast.ops.soft_ce.checks.check_crop_weights`; None: ``1/n_terms``).
 
     Returns: loss (0-dim), colsum of T (K,), lse of S/tau_s per row (ncrops*B,), all fp32 (fp64
     for fp64 inputs), and G = dLoss/dS for an upstream gradient of 1, in S's dtype.
@@ -88,6 +90,10 @@ def soft_ce_forward_torch(
     (one fused aten kernel, one exp per element) written straight into the gradient rows;
     lse = m - log(max(p)); <Q_v, y>; then G_v = |Q_v| * scale * p - scale * Q_v in one pass.
     The teacher rows of the chunk's images are soft-maxed once and reused by all crops.
+
+    With ``crop_weights`` w, crop v's gradient and loss share are scaled by ``w_v``: the shared
+    teacher sum is pre-scaled for the weight ``w_ref`` of the last crop (a local crop in Mugs), so
+    only crops of another weight pay one extra in-place multiply of their gradient rows.
     """
     rows_s, K = S.shape
     B = rows_s // ncrops
@@ -99,6 +105,11 @@ def soft_ce_forward_torch(
     r = _group_images(B, K)
     n_terms = NT * ncrops - NT
     scale = 1.0 / (tau_s * B * n_terms)
+    alpha: Optional[list[float]] = None              # per-crop multiplier of the gradient rows
+    if crop_weights is not None:
+        w_ref = crop_weights[-1] if crop_weights[-1] > 0 else max(crop_weights)
+        scale = w_ref / (tau_s * B)
+        alpha = [w / w_ref for w in crop_weights]
     inv_s, inv_t = 1.0 / tau_s, 1.0 / tau_t
     S3 = S.unflatten(0, (ncrops, B))
     T3 = T.unflatten(0, (NT, B))
@@ -123,7 +134,8 @@ def soft_ce_forward_torch(
     # (the effect on the loss and on the gradient's norm is < 1e-20 relative). fp64 needs none.
     floor: Optional[float] = None
     if dt == torch.float32 and _SUBNORMAL_FLOOR:
-        floor = max(30.0, 87.0 - math.log(K) - max(0.0, math.log(1.0 / scale)) - 3.0)
+        smallest = scale if alpha is None else scale * min([a for a in alpha if a > 0] + [1.0])
+        floor = max(30.0, 87.0 - math.log(K) - max(0.0, math.log(1.0 / smallest)) - 3.0)
     for ci, b0 in enumerate(range(0, B, r)):
         b1 = min(B, b0 + r)
         w = b1 - b0
@@ -173,15 +185,24 @@ def soft_ce_forward_torch(
             p = g_rows if pflat is None else pflat[: w * K].view(w, K)
             torch.ops.aten._softmax.out(y, -1, False, out=p)
             m.sub_(p.amax(1).log_())                          # lse = max - log(max softmax)
+            a_v = 1.0 if alpha is None else alpha[v]
             if pflat is None:
                 torch.add(Qv, p, alpha=nq * scale, out=g_rows)
+                if a_v != 1.0:
+                    g_rows.mul_(a_v)
             else:  # half-precision gradient: fp32 in place, then one rounding copy (the same bits
                 # as a mixed-dtype add into g_rows, which takes about 1.5x as long on CPU)
                 torch.add(Qv, p, alpha=nq * scale, out=p)
+                if a_v != 1.0:
+                    p.mul_(a_v)
                 g_rows.copy_(p)
     v = torch.arange(ncrops, device=dev)
     nq_v = (NT - (v < NT).to(torch.int64)).to(dt)
-    loss = ((nq_v.unsqueeze(1) * lse).sum() + dots.sum() / scale) / (B * n_terms)
+    if crop_weights is None:
+        loss = ((nq_v.unsqueeze(1) * lse).sum() + dots.sum() / scale) / (B * n_terms)
+    else:  # sum_v w_v / B * (|Q_v| sum_b lse_vb - sum_b <Q_vb, y_vb>); dots hold -scale * <Q, y>
+        wv = torch.tensor(crop_weights, dtype=dt, device=dev)
+        loss = (wv * (nq_v * lse.sum(1) + dots.sum(1) / scale)).sum() / B
     return loss, colsum, lse.reshape(-1), G
 
 

@@ -103,7 +103,7 @@ def _dino_fwd_kernel(
 
 @triton.jit
 def _dino_bwd_kernel(
-    S, T, C, G, GOUT, LSE, TMAX, TZINV,
+    S, T, C, G, GOUT, LSE, TMAX, TZINV, W,
     B, K, NCROPS, NTEACH, stride_s, stride_t, stride_g, imgs_per_group,
     inv_tau_s, inv_tau_t, grad_scale,
     BLOCK_K: tl.constexpr, NT_P2: tl.constexpr,
@@ -130,15 +130,17 @@ def _dino_bwd_kernel(
         # teacher crops: Q_v = sum of the other teachers' q, summed exactly (no "all - q_v").
         # |Q_v| as NTEACH * 1.0 (not NTEACH.to(...)): the JIT passes an int argument equal to 1
         # as a Python constant, which has no .to (n_teacher=1 failed to compile on a GPU)
+        # W: per-crop pair weights relative to grad_scale's (all 1.0 for the uniform default:
+        # multiplying by 1.0 is exact, so the default gives the unweighted kernel's bits)
         for v in range(0, NTEACH):
             qv = tl.sum(tl.where(ti[:, None] != v, q, 0.0), axis=0)
             _grad_row(S, G, LSE, v * B + b, cols, cmask, stride_s, stride_g, qv,
-                      NTEACH * 1.0 - 1.0, inv_tau_s, g)
+                      NTEACH * 1.0 - 1.0, inv_tau_s, g * tl.load(W + v))
         # other crops: Q_v = sum of all teachers' q, the same for every such crop
         qall = tl.sum(q, axis=0)
         for v in range(NTEACH, NCROPS):
             _grad_row(S, G, LSE, v * B + b, cols, cmask, stride_s, stride_g, qall,
-                      NTEACH * 1.0, inv_tau_s, g)
+                      NTEACH * 1.0, inv_tau_s, g * tl.load(W + v))
 
 
 @triton.jit
@@ -153,12 +155,13 @@ def _grad_row(S, G, LSE, srow, cols, cmask, stride_s, stride_g, qv, nq, inv_tau_
 
 @triton.jit
 def _dino_combine_kernel(
-    SMAX, SSUM, TMAX, TSUM, DOT, LSE, TMOUT, TZOUT, LOSS_PART,
+    SMAX, SSUM, TMAX, TSUM, DOT, W, LSE, TMOUT, TZOUT, LOSS_PART,
     B, NCROPS, NTEACH, n_tiles, inv_terms,
     N_P2: tl.constexpr, NT_P2: tl.constexpr,
 ):
     """One program per image b: the forward's per-tile partials -> lse per student row, max and
-    sum-exp per teacher row, and image b's share of the loss (an online softmax across tiles)."""
+    sum-exp per teacher row, and image b's share of the loss (an online softmax across tiles).
+    W holds one pair weight per student crop (relative to inv_terms; all 1.0 by default)."""
     b = tl.program_id(0)
     t = tl.arange(0, N_P2)
     tmask = t < n_tiles
@@ -187,7 +190,7 @@ def _dino_combine_kernel(
         qdot = tl.sum(d * w, axis=1)                                        # (NT_P2,)
         pair = tvalid & (ti != v)
         nq = tl.sum(pair.to(tl.float32), axis=0)
-        acc += nq * lse - tl.sum(tl.where(pair, qdot, 0.0), axis=0)
+        acc += tl.load(W + v) * (nq * lse - tl.sum(tl.where(pair, qdot, 0.0), axis=0))
     tl.store(LOSS_PART + b, acc * inv_terms)
 
 
@@ -259,15 +262,32 @@ def _check(S: torch.Tensor, T: torch.Tensor, c: torch.Tensor, ncrops: int, n_tea
     return B, K
 
 
+def _weights(crop_weights: Optional[torch.Tensor], ncrops: int, B: int, n_terms: int,
+             device: torch.device) -> tuple[torch.Tensor, int]:
+    """(per-crop weights W (ncrops,) fp32, the pair count ``terms`` the common factors 1/(B terms)
+    and 1/(tau_s B terms) divide by): all ones and n_terms for the uniform default (the same
+    factors, hence the unweighted kernels' bits), else the given weights and 1."""
+    if crop_weights is None:
+        return torch.ones((ncrops,), dtype=torch.float32, device=device), n_terms
+    if (not isinstance(crop_weights, torch.Tensor) or crop_weights.dtype != torch.float32
+            or tuple(crop_weights.shape) != (ncrops,) or crop_weights.device != device):
+        got = (f"{crop_weights.dtype} {tuple(crop_weights.shape)} on {crop_weights.device}"
+               if isinstance(crop_weights, torch.Tensor) else type(crop_weights).__name__)
+        raise ValueError(f"crop_weights: expected a float32 ({ncrops},) tensor on {device}, got {got}")
+    return crop_weights.contiguous(), 1
+
+
 def dino_loss_forward_triton(
     S: torch.Tensor, T: torch.Tensor, c: torch.Tensor, *, ncrops: int, n_teacher: int = 2,
-    student_temp: float, teacher_temp: float,
+    student_temp: float, teacher_temp: float, crop_weights: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Forward statistics pass.
 
     Args:
         S: (ncrops*B, K) fp32/bf16/fp16, unit stride along K. T: (n_teacher*B, K), same rules.
         c: (K,) contiguous fp32 center.
+        crop_weights: optional (ncrops,) fp32 weight of every pair (i, v != i) by student crop v
+            (the loss is then sum_v w_v sum_{i != v} mean_b H); None: the uniform 1/n_terms.
 
     Returns (all fp32): loss (0-dim), lse of S/tau_s per student row (ncrops*B,), max and
     sum-exp of (T - c)/tau_t per teacher row (n_teacher*B,) x 2, column sum of T (K,).
@@ -293,9 +313,10 @@ def dino_loss_forward_triton(
     TZ = torch.empty((n_teacher * B,), **f32)
     part = torch.empty((B,), **f32)
     n_terms = n_teacher * ncrops - n_teacher
+    W, terms = _weights(crop_weights, ncrops, B, n_terms, S.device)
     _dino_combine_kernel[(B,)](
-        smax, ssum, tmax, tsum, dots, lse, TM, TZ, part, B, ncrops, n_teacher, n,
-        1.0 / (B * n_terms), N_P2=triton.next_power_of_2(n), NT_P2=cfg.nt_p2, num_warps=COMBINE_NUM_WARPS,
+        smax, ssum, tmax, tsum, dots, W, lse, TM, TZ, part, B, ncrops, n_teacher, n,
+        1.0 / (B * terms), N_P2=triton.next_power_of_2(n), NT_P2=cfg.nt_p2, num_warps=COMBINE_NUM_WARPS,
     )
     loss = part.sum()
     colsum = colsum_part[0] if cfg.n_groups == 1 else colsum_part.sum(0)
@@ -305,13 +326,13 @@ def dino_loss_forward_triton(
 def dino_loss_backward_triton(
     grad: torch.Tensor, S: torch.Tensor, T: torch.Tensor, c: torch.Tensor, lse: torch.Tensor,
     tmax: torch.Tensor, tsum: torch.Tensor, *, ncrops: int, n_teacher: int = 2, student_temp: float,
-    teacher_temp: float, out: Optional[torch.Tensor] = None,
+    teacher_temp: float, out: Optional[torch.Tensor] = None, crop_weights: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Gradient pass: dL/dS (ncrops*B, K) in S's dtype (written into ``out`` when given, which
     may be S itself: each element is read before it is written, by the same program).
 
     Args: grad the 0-dim upstream gradient; lse (ncrops*B,), tmax/tsum (n_teacher*B,) fp32 from
-    :func:`dino_loss_forward_triton`; the other arguments as there.
+    :func:`dino_loss_forward_triton`; the other arguments (``crop_weights`` included) as there.
     """
     B, K = _check(S, T, c, ncrops, n_teacher, student_temp, teacher_temp)
     for name, x, n in (("lse", lse, ncrops * B), ("tmax", tmax, n_teacher * B), ("tsum", tsum, n_teacher * B)):
@@ -326,11 +347,12 @@ def dino_loss_backward_triton(
                          f"got {out.dtype} {tuple(out.shape)} strides {out.stride()} on {out.device}")
     cfg = launch_config(B, K, n_teacher, S.element_size())
     n_terms = n_teacher * ncrops - n_teacher
+    W, terms = _weights(crop_weights, ncrops, B, n_terms, S.device)
     _dino_bwd_kernel[(cfg.bwd_tiles, cfg.n_groups)](
         S, T, c, out, grad.reshape(()).contiguous(), lse.contiguous(), tmax.contiguous(),
-        tsum.reciprocal(),
+        tsum.reciprocal(), W,
         B, K, ncrops, n_teacher, S.stride(0), T.stride(0), out.stride(0), cfg.imgs_per_group,
-        1.0 / student_temp, 1.0 / teacher_temp, 1.0 / (student_temp * B * n_terms),
+        1.0 / student_temp, 1.0 / teacher_temp, 1.0 / (student_temp * B * terms),
         BLOCK_K=cfg.bwd_block_k, NT_P2=cfg.nt_p2, num_warps=cfg.num_warps,
     )
     return out
