@@ -12,10 +12,11 @@ import torch
 from torch import Tensor, nn
 
 from dino_fast.losses.centering import CenterEMA
+from dino_fast.losses.sinkhorn import sinkhorn_knopp_log_targets
 from dino_fast.ops.backend import check_backend
 from dino_fast.ops.soft_ce.checks import TensorOrCrops, as_2d, check_crop_weights, check_int, check_temp
 from dino_fast.ops.soft_ce.eager import Workspace
-from dino_fast.ops.soft_ce.function import dino_loss_with_colsum
+from dino_fast.ops.soft_ce.function import dino_loss, dino_loss_with_colsum
 from dino_fast.utils.finite import check_finite
 from dino_fast.utils.schedules import teacher_temp_schedule
 
@@ -118,6 +119,20 @@ class DINOLoss(nn.Module):
         )
         self._centering.update(self.center, colsum, T.shape[0])
         return loss
+
+    def sinkhorn_forward(self, student_output: Tensor, teacher_output: Tensor, epoch: int) -> Tensor:
+        """The same pair loss with Sinkhorn-Knopp teacher targets Q (DINOv2) instead of the center
+        (0-dim fp32 tensor; the center is neither read nor updated).
+
+        The fused op reads ``log Q`` (:func:`~dino_fast.losses.sinkhorn.sinkhorn_knopp_log_targets`
+        of the detached ``teacher_output`` at this epoch's temperature) as teacher logits at
+        temperature 1 with a zero center, so its teacher softmax returns Q (rows sum to 1).
+        student_output: (ncrops*B, out_dim) crop-major; teacher_output: (n_teacher*B, out_dim).
+        """
+        logq = sinkhorn_knopp_log_targets(teacher_output.detach(), self.teacher_temp_at(epoch))
+        zero = torch.zeros(logq.shape[1], dtype=torch.float32, device=logq.device)
+        return dino_loss(student_output, logq, zero, ncrops=self.ncrops, student_temp=self.student_temp,
+                         teacher_temp=1.0, backend=self.backend, n_teacher=self.n_teacher)
 
     @torch.no_grad()
     def flush_center(self) -> None:

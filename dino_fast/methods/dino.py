@@ -15,18 +15,15 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from dino_fast.config import TrainConfig
 from dino_fast.losses.dino import DINOLoss
 from dino_fast.losses.koleo import koleo_loss
-from dino_fast.losses.sinkhorn import sinkhorn_knopp_log_targets
 from dino_fast.methods.base import LossTerm, Method, StepOutput, build_backbone
 from dino_fast.methods.registry import register_method
 from dino_fast.models.heads import DINOHead
 from dino_fast.models.multicrop import MultiCropWrapper
-from dino_fast.ops.soft_ce.function import dino_loss
 
 __all__ = ["DINO", "build_student_teacher"]
 
@@ -83,7 +80,7 @@ class DINO(Method):
                 student_out = self.student_forward(crops)
         B = crops[0].shape[0]
         if self.centering == "sinkhorn_knopp":
-            terms = {"dino": LossTerm(self._sinkhorn_dino_loss(student_out, teacher_out, epoch), 1.0)}
+            terms = {"dino": LossTerm(self.dino_loss.sinkhorn_forward(student_out, teacher_out, epoch), 1.0)}
         else:
             terms = {"dino": LossTerm(self.dino_loss(student_out, teacher_out, epoch), 1.0)}
         if self.koleo_weight > 0:  # DINOv2: one KoLeo term per global crop, on the backbone CLS features
@@ -93,15 +90,6 @@ class DINO(Method):
         out = StepOutput(terms, {"student_output": (student_out, B), "teacher_output": (teacher_out, B)})
         self._last_teacher_features = teacher_features
         return out
-
-    def _sinkhorn_dino_loss(self, student_out: Tensor, teacher_out: Tensor, epoch: int) -> Tensor:
-        """The DINO pair loss with Sinkhorn-Knopp teacher targets Q (DINOv2): the fused op reads
-        ``log Q`` as teacher logits at temperature 1 with a zero center, so its teacher softmax
-        returns Q (each row of Q sums to 1)."""
-        logq = sinkhorn_knopp_log_targets(teacher_out.detach(), self.dino_loss.teacher_temp_at(epoch))
-        zero = torch.zeros(logq.shape[1], dtype=torch.float32, device=logq.device)
-        return dino_loss(student_out, logq, zero, ncrops=self.dino_loss.ncrops, student_temp=self.dino_loss.student_temp,
-                         teacher_temp=1.0, backend=self.dino_loss.backend, n_teacher=self.dino_loss.n_teacher)
 
     def collapse_inputs(self, out: StepOutput, epoch: int) -> Optional[dict[str, Any]]:
         """Teacher and student head outputs of the step, the loss center, the temperatures and

@@ -41,12 +41,10 @@ from dino_fast.data.masking import global_crop_masks
 from dino_fast.losses.dino import DINOLoss
 from dino_fast.losses.ibot import iBOTPatchLoss, masks_weight
 from dino_fast.losses.koleo import koleo_loss
-from dino_fast.losses.sinkhorn import sinkhorn_knopp_log_targets
 from dino_fast.methods.base import LossTerm, Method, StepOutput, build_backbone
 from dino_fast.methods.registry import register_method
 from dino_fast.models.heads import DINOHead
 from dino_fast.models.multicrop import MultiCropWrapper, group_by_resolution
-from dino_fast.ops.soft_ce.function import dino_loss
 
 __all__ = ["DINOv2", "DINOv2Wrapper"]
 
@@ -192,10 +190,7 @@ class DINOv2(Method):
         temp = self.dino_loss.teacher_temp_at(epoch)
         t_cls, s_cls = t["cls_logits"], s["cls_logits"]
         if self.centering == "sinkhorn_knopp":
-            logq = sinkhorn_knopp_log_targets(t_cls.detach(), temp)
-            zero = torch.zeros(logq.shape[1], dtype=torch.float32, device=logq.device)
-            dino = dino_loss(s_cls, logq, zero, ncrops=self.dino_loss.ncrops, student_temp=self.dino_loss.student_temp,
-                             teacher_temp=1.0, backend=self.dino_loss.backend, n_teacher=self.dino_loss.n_teacher)
+            dino = self.dino_loss.sinkhorn_forward(s_cls, t_cls, epoch)
         else:
             dino = self.dino_loss(s_cls, t_cls, epoch)
         terms = {"dino": LossTerm(dino, self.dino_weight)}
