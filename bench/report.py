@@ -237,7 +237,7 @@ def section_attention(doc: dict[str, Any], png_dir: str, plots: set[str]) -> str
     desc = ", ".join(f"{k} {v}" for k, v in cfg.items() if k in ("model", "depth", "images", "crops", "measures"))
     return "\n".join([
         "### Attention (`python -m bench.attention`)", "", f"{_provenance(doc)}; {desc}.", "",
-        _table(doc.get("rows", []), [("device", "device"), ("backend", "backend"), ("median_s", "median s"),
+        _table(doc.get("rows", []), [("device", "device"), ("backend", "backend"), ("dtype", "dtype"), ("median_s", "median s"),
                                      ("time_vs_math", "time / math"), ("peak_MiB", "peak MiB"),
                                      ("peak_vs_math", "memory / math")]),
         "", _img("attention", png_dir, plots),

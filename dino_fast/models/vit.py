@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .attention import Attention, check_attn_backend, resolve_attn_backend
+from .attention import Attention, attention_compute_dtype, check_attn_backend, resolve_attn_backend
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
@@ -276,10 +276,11 @@ class VisionTransformer(nn.Module):
             blk.attn.attn_backend = name
             blk.attn._auto_log.clear()
 
-    def resolve_attn_backend(self, device: torch.device | str) -> str:
-        """The concrete attention backend the blocks use for inputs on ``device`` (``"auto"``
-        logs its choice once per model and device type)."""
-        return resolve_attn_backend(self.attn_backend, device, log_state=self._auto_log)
+    def resolve_attn_backend(self, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+        """The concrete attention backend the blocks use for inputs on ``device`` computing in
+        ``dtype`` (:func:`~dino_fast.models.attention.attention_compute_dtype`; ``"auto"`` logs its
+        choice once per model, device type and dtype)."""
+        return resolve_attn_backend(self.attn_backend, device, dtype=dtype, log_state=self._auto_log)
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         """``torch.compile`` each block in place (``nn.Module.compile``): state-dict keys stay the
@@ -364,7 +365,7 @@ class VisionTransformer(nn.Module):
 
         N = (H/P)*(W/P). Same keys as DINOv2's ``forward_features``.
         """
-        backend = self.resolve_attn_backend(x.device)
+        backend = self.resolve_attn_backend(x.device, attention_compute_dtype(x))
         x = self.prepare_tokens(x, masks)
         for blk in self.blocks:
             x = blk(x, backend)
@@ -374,7 +375,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` float -> CLS features after the final norm ``[B, embed_dim]``."""
-        backend = self.resolve_attn_backend(x.device)
+        backend = self.resolve_attn_backend(x.device, attention_compute_dtype(x))
         x = self.prepare_tokens(x)
         for blk in self.blocks:
             x = blk(x, backend)
@@ -396,7 +397,7 @@ class VisionTransformer(nn.Module):
         if len(xs) == 0:
             raise ValueError("forward_packed needs at least one image batch, got none")
         if backend is None:
-            backend = self.resolve_attn_backend(xs[0].device)
+            backend = self.resolve_attn_backend(xs[0].device, attention_compute_dtype(xs[0]))
         tokens, seqlens = [], []
         for x in xs:
             t = self.prepare_tokens(x)  # [B_g, N_g, D]
@@ -414,7 +415,7 @@ class VisionTransformer(nn.Module):
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax attention weights of the last block ``[B, num_heads, N, N]`` (math path for that
         block, the configured backend for the others); ``N = 1 + (H/P)*(W/P)``."""
-        backend = self.resolve_attn_backend(x.device)
+        backend = self.resolve_attn_backend(x.device, attention_compute_dtype(x))
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x, backend)
@@ -424,7 +425,7 @@ class VisionTransformer(nn.Module):
         """Normalised tokens of the ``n`` last blocks, each ``[B, N, embed_dim]`` (official)."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        backend = self.resolve_attn_backend(x.device)
+        backend = self.resolve_attn_backend(x.device, attention_compute_dtype(x))
         x = self.prepare_tokens(x)
         output = []
         for i, blk in enumerate(self.blocks):
