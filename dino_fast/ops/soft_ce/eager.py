@@ -73,9 +73,14 @@ def _group_images(B: int, K: int) -> int:
 def soft_ce_forward_torch(
     S: Tensor, T: Tensor, c: Tensor, ncrops: int, n_teacher: int, tau_s: float, tau_t: float,
     out: Optional[Tensor] = None, workspace: Optional["Workspace"] = None,
-    crop_weights: Optional[Sequence[float]] = None,
+    crop_weights: Optional[Sequence[float]] = None, native: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Eager fast-path forward with the gradient computed in the same pass.
+
+    ``native``: None (default) runs the native C++ kernel
+    (:func:`~dino_fast.ops.soft_ce.native.soft_ce_forward_native`, same contract) when it takes
+    the tensors (CPU, fp32/bf16/fp16) and its library loads, else the torch composition below;
+    False forces the composition; True requires the native kernel (``RuntimeError`` otherwise).
 
     Args: S (ncrops*B, K) and T (n_teacher*B, K) with unit column stride, c (K,), ``out`` an
     optional (ncrops*B, K) tensor of S's dtype to receive the gradient (may be S itself),
@@ -95,6 +100,18 @@ def soft_ce_forward_torch(
     teacher sum is pre-scaled for the weight ``w_ref`` of the last crop (a local crop in Mugs), so
     only crops of another weight pay one extra in-place multiply of their gradient rows.
     """
+    if native is not False:
+        from dino_fast.ops.soft_ce.native import native_supported, soft_ce_forward_native
+
+        tensors = (S, T) if out is None else (S, T, out)
+        if native_supported(*tensors):
+            return soft_ce_forward_native(S, T, c, ncrops, n_teacher, tau_s, tau_t, out=out, workspace=workspace,
+                                          crop_weights=crop_weights)
+        if native:
+            from dino_fast.ops.native import native_status
+
+            raise RuntimeError(f"native=True but the native kernel cannot take these tensors ({S.device}, "
+                               f"{S.dtype}/{T.dtype}) or is unavailable: {native_status()[1] or 'unsupported tensors'}")
     rows_s, K = S.shape
     B = rows_s // ncrops
     NT = n_teacher

@@ -1,0 +1,414 @@
+// The CPU kernels of the centered soft-target cross-entropies, forward and gradient in one pass.
+//
+// Built at first use by dino_fast/ops/native/build.py (g++, C++17, no torch headers: plain
+// pointers through ctypes) and called by dino_fast/ops/soft_ce/native.py (the DINO loss over all
+// teacher/student crop pairs) and dino_fast/ops/patch_ce/native.py (iBOT's row-aligned pairs).
+//
+// Per row of K logits, with the row's target distribution Q (a teacher softmax or a sum of them)
+// and x = S_row:
+//   pass 1  m = max(x), d = <Q, x>                      (reads x and Q)
+//   pass 2  e_k = exp(x_k / tau_s - m / tau_s), Z = sum e  (reads x, writes e to a thread buffer)
+//   pass 3  G_k = g (|Q| e_k / Z - Q_k)                  (reads e and Q, writes G once)
+// lse = m / tau_s + log Z and the row's loss |Q| lse - d / tau_s. The thread buffers of a row
+// (x converted to fp32 when needed, e, the teacher rows of the image) stay in the core's L2, so
+// the student logits are read from memory once and the gradient written once. One exp per
+// element; the exp is a vectorised Cephes polynomial (relative error ~2 ulp), 0 below -87.
+// Every worker thread runs with flush-to-zero and denormals-are-zero (its own MXCSR: the
+// caller's threads are untouched): probabilities below 1e-38 of a row's mass count as 0.
+//
+// Vectors are GCC vector extensions of 16 floats (one AVX-512 register, two AVX2 registers, or
+// four SSE registers, whatever -march gives).
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <xmmintrin.h>
+#include <pmmintrin.h>
+
+#include <vector>
+
+namespace {
+
+constexpr int W = 16;
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16s __attribute__((vector_size(32)));
+typedef _Float16 v16h __attribute__((vector_size(32)));
+
+enum DType { F32 = 0, BF16 = 1, F16 = 2 };
+constexpr float PAD = -1e30f;  // padding of a row's last partial vector: never a max, exp -> 0
+
+inline v16 splat(float x) { return v16{} + x; }
+
+inline v16 loadu(const float* p) {
+  v16 v;
+  memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline void storeu(float* p, v16 v) { memcpy(p, &v, sizeof(v)); }
+
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < W; ++i) s += v[i];
+  return s;
+}
+
+inline float hmax(v16 v) {
+  float m = v[0];
+  for (int i = 1; i < W; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// exp(x) for x <= ~88; 0 for x < -87 (no subnormal results); NaN stays NaN.
+inline v16 vexp(v16 x) {
+  const v16i under = x < -87.0f;
+  x = under ? splat(-87.0f) : x;
+  const v16 t = x * 1.44269504088896341f;
+  const v16 n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+  v16 r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  v16 p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+  const v16 y = p * reinterpret_cast<const v16&>(e);
+  return under ? splat(0.0f) : y;
+}
+
+// Convert n elements of a row of dtype `dt` to fp32 in `dst` (n rounded up to W, padded).
+void to_f32(const void* src, int dt, int64_t n, int64_t np, float* dst) {
+  int64_t k = 0;
+  if (dt == BF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    for (; k + W <= n; k += W) {
+      v16s u;
+      memcpy(&u, s + k, sizeof(u));
+      const v16u b = __builtin_convertvector(u, v16u) << 16;
+      storeu(dst + k, reinterpret_cast<const v16&>(b));
+    }
+    for (; k < n; ++k) {
+      const uint32_t b = static_cast<uint32_t>(s[k]) << 16;
+      memcpy(dst + k, &b, 4);
+    }
+  } else if (dt == F16) {
+    const _Float16* s = static_cast<const _Float16*>(src);
+    for (; k + W <= n; k += W) {
+      v16h h;
+      memcpy(&h, s + k, sizeof(h));
+      storeu(dst + k, __builtin_convertvector(h, v16));
+    }
+    for (; k < n; ++k) dst[k] = static_cast<float>(s[k]);
+  } else {
+    memcpy(dst, src, n * sizeof(float));
+    k = n;
+  }
+  for (; k < np; ++k) dst[k] = PAD;
+}
+
+// Round a vector to bf16 (nearest even; NaN stays a quiet NaN).
+inline v16s to_bf16(v16 v) {
+  const v16u b = reinterpret_cast<const v16u&>(v);
+  v16u r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  const v16i nan = v != v;
+  r = nan ? v16u{} + 0x7FC0u : r;
+  return __builtin_convertvector(r, v16s);
+}
+
+// Store vector `v` as elements [k, k + cnt) of a row of dtype `dt` (cnt <= W).
+inline void store_row(void* dst, int dt, int64_t k, v16 v, int cnt) {
+  if (dt == F32) {
+    float* d = static_cast<float*>(dst) + k;
+    if (cnt == W) storeu(d, v); else memcpy(d, &v, cnt * sizeof(float));
+  } else if (dt == BF16) {
+    const v16s s = to_bf16(v);
+    uint16_t* d = static_cast<uint16_t*>(dst) + k;
+    if (cnt == W) memcpy(d, &s, sizeof(s)); else memcpy(d, &s, cnt * 2);
+  } else {
+    const v16h h = __builtin_convertvector(v, v16h);
+    _Float16* d = static_cast<_Float16*>(dst) + k;
+    if (cnt == W) memcpy(d, &h, sizeof(h)); else memcpy(d, &h, cnt * 2);
+  }
+}
+
+inline int64_t elem_size(int dt) { return dt == F32 ? 4 : 2; }
+
+// A row of dtype dt as fp32: the row itself when it already is one and K is a multiple of W,
+// else converted into buf (padded with PAD up to Kp).
+inline const float* f32_row(const void* row, int dt, int64_t K, int64_t Kp, float* buf) {
+  if (dt == F32 && K == Kp) return static_cast<const float*>(row);
+  to_f32(row, dt, K, Kp, buf);
+  return buf;
+}
+
+// Teacher row t (fp32, padded) -> q = softmax((t - c) * inv_t) into q (Kp, zero padded), and
+// t added into colsum when colsum is not null.
+void teacher_softmax(const float* t, const float* c, float inv_t, int64_t K, int64_t Kp, float* q,
+                     float* colsum) {
+  v16 mx = splat(-INFINITY);
+  for (int64_t k = 0; k < Kp; k += W) {
+    const v16 tv = loadu(t + k);
+    const v16 u = (tv - loadu(c + k)) * inv_t;
+    storeu(q + k, u);
+    mx = u > mx ? u : mx;
+    if (colsum) storeu(colsum + k, loadu(colsum + k) + tv);
+  }
+  const float m = hmax(mx);
+  v16 z = {};
+  for (int64_t k = 0; k < Kp; k += W) {
+    const v16 e = vexp(loadu(q + k) - m);
+    storeu(q + k, e);
+    z += e;
+  }
+  const float inv_z = 1.0f / hsum(z);
+  for (int64_t k = 0; k < Kp; k += W) storeu(q + k, loadu(q + k) * inv_z);
+  for (int64_t k = K; k < Kp; ++k) q[k] = 0.f;  // padding: no target mass
+}
+
+// One student row x (fp32, padded with PAD) against the target Q (Kp, zero padded) of mass nq:
+// writes G = g (nq softmax(x / tau_s) - Q) into grad (dtype gdt, K elements), returns lse of
+// x / tau_s through *lse and <Q, x / tau_s> through *dot. e: a Kp fp32 scratch buffer.
+void student_row(const float* x, const float* Q, float nq, float inv_s, float g, int64_t K, int64_t Kp,
+                 float* e, void* grad, int gdt, float* lse, double* dot) {
+  v16 mx = splat(-INFINITY), d = {};
+  for (int64_t k = 0; k < Kp; k += W) {
+    const v16 xv = loadu(x + k);
+    mx = xv > mx ? xv : mx;
+    d += xv * loadu(Q + k);
+  }
+  const float m = hmax(mx) * inv_s;
+  v16 z = {};
+  for (int64_t k = 0; k < Kp; k += W) {
+    const v16 ev = vexp(loadu(x + k) * inv_s - m);
+    storeu(e + k, ev);
+    z += ev;
+  }
+  const float Z = hsum(z);
+  *lse = m + logf(Z);
+  *dot = static_cast<double>(hsum(d)) * inv_s;
+  const float a = g * nq / Z;
+  int64_t k = 0;
+  for (; k + W <= K; k += W) store_row(grad, gdt, k, loadu(e + k) * a - loadu(Q + k) * g, W);
+  if (k < K) store_row(grad, gdt, k, loadu(e + k) * a - loadu(Q + k) * g, static_cast<int>(K - k));
+}
+
+struct ThreadBuffers {
+  std::vector<float> data;
+  float* get(size_t n) {
+    if (data.size() < n) data.assign(n, 0.f);
+    return data.data();
+  }
+};
+
+// cached scratch per worker index (calls are serialised by g_lock)
+pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
+std::vector<ThreadBuffers> g_buffers;
+
+struct Range {
+  int64_t begin, end;
+};
+
+template <class F>
+void run_parallel(int nthreads, int64_t n, F&& fn) {
+  if (nthreads < 1) nthreads = 1;
+  if (nthreads > n) nthreads = static_cast<int>(n > 0 ? n : 1);
+  struct Job {
+    F* fn;
+    int index;
+    Range range;
+  };
+  std::vector<Job> jobs(nthreads);
+  for (int i = 0; i < nthreads; ++i)
+    jobs[i] = Job{&fn, i, Range{n * i / nthreads, n * (i + 1) / nthreads}};
+  auto body = [](void* p) -> void* {
+    Job* j = static_cast<Job*>(p);
+    _MM_SET_FLUSH_ZERO_MODE(_MM_FLUSH_ZERO_ON);
+    _MM_SET_DENORMALS_ZERO_MODE(_MM_DENORMALS_ZERO_ON);
+    (*j->fn)(j->index, j->range);
+    return nullptr;
+  };
+  std::vector<pthread_t> tids(nthreads);
+  std::vector<bool> started(nthreads, false);
+  for (int i = 0; i < nthreads; ++i) started[i] = pthread_create(&tids[i], nullptr, body, &jobs[i]) == 0;
+  for (int i = 0; i < nthreads; ++i) {
+    if (started[i]) pthread_join(tids[i], nullptr);
+    else body(&jobs[i]);  // could not start a thread: run its share here (MXCSR set on this thread)
+  }
+}
+
+}  // namespace
+
+#define DFN_EXPORT __attribute__((visibility("default")))
+
+extern "C" {
+
+DFN_EXPORT int dfn_abi_version() { return 1; }
+
+// The DINO loss over all pairs (teacher crop i, student crop v != i), per image b:
+//   q_ib = softmax((T_ib - c) / tau_t), Q_vb = sum_{i != v} q_ib, |Q_v| = NT - [v < NT]
+//   loss = sum_v coef_v sum_b (|Q_v| lse_vb - <Q_vb, S_vb / tau_s>)
+//   G_vb = gscale_v (|Q_v| softmax(S_vb / tau_s) - Q_vb)
+// S: ncrops*B rows (crop-major) of K, row stride s_stride elements, dtype s_dt; T: NT*B rows,
+// t_stride, t_dt; c: K fp32; coef, gscale: ncrops each; out: loss (1 double), lse (ncrops*B fp32),
+// colsum (K fp32, the column sum of T), G: ncrops*B rows of K, g_stride, dtype g_dt (may alias S
+// when strides and dtypes agree: a row is read fully before it is written). Returns 0, or -1 on
+// allocation failure.
+DFN_EXPORT int dfn_soft_ce_fwd(const void* S, int64_t s_stride, int s_dt, const void* T, int64_t t_stride, int t_dt,
+                    const float* c, int64_t B, int64_t K, int ncrops, int NT, float inv_s, float inv_t,
+                    const double* coef, const float* gscale, void* G, int64_t g_stride, int g_dt,
+                    double* loss, float* lse, float* colsum, int nthreads) {
+  pthread_mutex_lock(&g_lock);
+  const int64_t Kp = (K + W - 1) / W * W;
+  if (nthreads < 1) nthreads = 1;
+  if (nthreads > B) nthreads = static_cast<int>(B);
+  // per thread: NT teacher rows, the sum of all, the sum of others, e, x and t conversion
+  // buffers, a private column sum
+  const size_t per = static_cast<size_t>(Kp) * (NT + 5 + 1);
+  try {
+    if (static_cast<int>(g_buffers.size()) < nthreads) g_buffers.resize(nthreads);
+    for (int i = 0; i < nthreads; ++i) g_buffers[i].get(per);
+  } catch (...) {
+    pthread_mutex_unlock(&g_lock);
+    return -1;
+  }
+  std::vector<float> cpad(Kp, 0.f);
+  memcpy(cpad.data(), c, K * sizeof(float));
+  std::vector<double> partial(nthreads, 0.0);
+  const int64_t se = elem_size(s_dt), te = elem_size(t_dt), ge = elem_size(g_dt);
+  run_parallel(nthreads, B, [&](int ti, Range r) {
+    float* base = g_buffers[ti].data.data();
+    float* q = base;                           // NT x Kp
+    float* qall = base + Kp * NT;              // sum of all teacher rows
+    float* qoth = qall + Kp;                   // sum of the others (NT > 2)
+    float* e = qoth + Kp;
+    float* xbuf = e + Kp;
+    float* tbuf = xbuf + Kp;
+    float* csum = tbuf + Kp;
+    memset(csum, 0, Kp * sizeof(float));
+    double acc = 0.0;
+    for (int64_t b = r.begin; b < r.end; ++b) {
+      for (int i = 0; i < NT; ++i) {
+        const char* trow = static_cast<const char*>(T) + ((i * B + b) * t_stride) * te;
+        const float* t = f32_row(trow, t_dt, K, Kp, tbuf);
+        teacher_softmax(t, cpad.data(), inv_t, K, Kp, q + i * Kp, csum);
+      }
+      if (ncrops > NT) {
+        for (int64_t k = 0; k < Kp; k += W) {
+          v16 s = loadu(q + k);
+          for (int i = 1; i < NT; ++i) s += loadu(q + i * Kp + k);
+          storeu(qall + k, s);
+        }
+      }
+      for (int v = 0; v < ncrops; ++v) {
+        const int64_t row = v * B + b;
+        const char* srow = static_cast<const char*>(S) + (row * s_stride) * se;
+        char* grow = static_cast<char*>(G) + (row * g_stride) * ge;
+        const float* Q;
+        float nq;
+        if (v < NT) {
+          nq = static_cast<float>(NT - 1);
+          if (NT == 1) {
+            Q = qoth;
+            memset(qoth, 0, Kp * sizeof(float));
+          } else if (NT == 2) {
+            Q = q + (1 - v) * Kp;
+          } else {  // the exact sum of the others, not "all - q_v"
+            for (int64_t k = 0; k < Kp; k += W) {
+              v16 s = {};
+              for (int i = 0; i < NT; ++i)
+                if (i != v) s += loadu(q + i * Kp + k);
+              storeu(qoth + k, s);
+            }
+            Q = qoth;
+          }
+        } else {
+          nq = static_cast<float>(NT);
+          Q = qall;
+        }
+        const float* x = f32_row(srow, s_dt, K, Kp, xbuf);
+        float l;
+        double d;
+        student_row(x, Q, nq, inv_s, gscale[v], K, Kp, e, grow, g_dt, &l, &d);
+        lse[row] = l;
+        acc += coef[v] * (static_cast<double>(nq) * l - d);
+      }
+    }
+    partial[ti] = acc;
+  });
+  double total = 0.0;
+  for (int i = 0; i < nthreads; ++i) total += partial[i];
+  *loss = total;
+  for (int64_t k = 0; k < K; ++k) {
+    float s = 0.f;
+    for (int i = 0; i < nthreads; ++i) s += g_buffers[i].data[static_cast<size_t>(Kp) * (NT + 5) + k];
+    colsum[k] = s;
+  }
+  pthread_mutex_unlock(&g_lock);
+  return 0;
+}
+
+// Row-aligned pairs (iBOT): per row r, q_r = softmax((T_r - c) / tau_t),
+//   loss = sum_r w_r (lse_r - <q_r, S_r / tau_s>),  G_r = w_r inv_s (softmax(S_r / tau_s) - q_r).
+// Same layouts as dfn_soft_ce_fwd; colsum may be null (not computed).
+DFN_EXPORT int dfn_patch_ce_fwd(const void* S, int64_t s_stride, int s_dt, const void* T, int64_t t_stride, int t_dt,
+                     const float* c, const float* w, int64_t rows, int64_t K, float inv_s, float inv_t,
+                     void* G, int64_t g_stride, int g_dt, double* loss, float* lse, float* colsum,
+                     int nthreads) {
+  pthread_mutex_lock(&g_lock);
+  const int64_t Kp = (K + W - 1) / W * W;
+  if (nthreads < 1) nthreads = 1;
+  if (nthreads > rows) nthreads = static_cast<int>(rows > 0 ? rows : 1);
+  const size_t per = static_cast<size_t>(Kp) * 5;  // q, e, x, t, colsum
+  try {
+    if (static_cast<int>(g_buffers.size()) < nthreads) g_buffers.resize(nthreads);
+    for (int i = 0; i < nthreads; ++i) g_buffers[i].get(per);
+  } catch (...) {
+    pthread_mutex_unlock(&g_lock);
+    return -1;
+  }
+  std::vector<float> cpad(Kp, 0.f);
+  memcpy(cpad.data(), c, K * sizeof(float));
+  std::vector<double> partial(nthreads, 0.0);
+  const int64_t se = elem_size(s_dt), te = elem_size(t_dt), ge = elem_size(g_dt);
+  run_parallel(nthreads, rows, [&](int ti, Range r) {
+    float* q = g_buffers[ti].data.data();
+    float* e = q + Kp;
+    float* xbuf = e + Kp;
+    float* tbuf = xbuf + Kp;
+    float* csum = tbuf + Kp;
+    memset(csum, 0, Kp * sizeof(float));
+    double acc = 0.0;
+    for (int64_t i = r.begin; i < r.end; ++i) {
+      const float* t = f32_row(static_cast<const char*>(T) + i * t_stride * te, t_dt, K, Kp, tbuf);
+      teacher_softmax(t, cpad.data(), inv_t, K, Kp, q, colsum ? csum : nullptr);
+      const float* x = f32_row(static_cast<const char*>(S) + i * s_stride * se, s_dt, K, Kp, xbuf);
+      float l;
+      double d;
+      student_row(x, q, 1.0f, inv_s, w[i] * inv_s, K, Kp, e, static_cast<char*>(G) + i * g_stride * ge, g_dt,
+                  &l, &d);
+      lse[i] = l;
+      acc += static_cast<double>(w[i]) * (static_cast<double>(l) - d);
+    }
+    partial[ti] = acc;
+  });
+  double total = 0.0;
+  for (int i = 0; i < nthreads; ++i) total += partial[i];
+  *loss = total;
+  if (colsum) {
+    for (int64_t k = 0; k < K; ++k) {
+      float s = 0.f;
+      for (int i = 0; i < nthreads; ++i) s += g_buffers[i].data[static_cast<size_t>(Kp) * 4 + k];
+      colsum[k] = s;
+    }
+  }
+  pthread_mutex_unlock(&g_lock);
+  return 0;
+}
+
+}  // extern "C"
