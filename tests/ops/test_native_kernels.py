@@ -104,7 +104,9 @@ def test_dino_kernel_extreme_logits_and_nan():
     loss, _, lse, G = soft_ce_forward_native(S, T, c.reshape(-1), ncrops, 2, 0.1, 0.04)
     ref_loss, ref_g = _ref_dino(S, T, c, ncrops, 2, None, 0.1, 0.04)
     assert torch.isfinite(loss) and torch.isfinite(G).all() and torch.isfinite(lse).all()
-    assert rel(loss, ref_loss) < 1e-6 and rel(G, ref_g) < 1e-5
+    # each row's term is lse - <q, x>/tau_s with both near 3e4: fp32 rounding of ~2e-3 per row
+    assert rel(loss, ref_loss) < 1e-5, (loss.item(), ref_loss.item())
+    assert rel(G, ref_g) < 1e-5, rel(G, ref_g)
     S[3, 7] = float("nan")
     loss, _, _, _ = soft_ce_forward_native(S, T, c.reshape(-1), ncrops, 2, 0.1, 0.04)
     assert torch.isnan(loss)

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from dino_fast.ops.native import load_native
-from dino_fast.ops.soft_ce.eager import Workspace
 from dino_fast.ops.soft_ce.native import DTYPE_CODES, _ptr
+from dino_fast.ops.soft_ce.workspace import Workspace
 
 __all__ = ["patch_ce_forward_native"]
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from dino_fast.ops.native import load_native
-from dino_fast.ops.soft_ce.eager import Workspace
+from dino_fast.ops.soft_ce.workspace import Workspace
 
 __all__ = ["DTYPE_CODES", "native_supported", "soft_ce_forward_native"]
 
