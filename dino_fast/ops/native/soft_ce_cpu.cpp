@@ -191,7 +191,7 @@ void student_row(const float* x, const float* Q, float nq, float inv_s, float g,
   }
   const float Z = hsum(z);
   *lse = m + logf(Z);
-  *dot = static_cast<double>(hsum(d)) * inv_s;
+  *dot = hsum(d) * inv_s;  // rounded like m: a one-hot row (K = 1, p = q) gives lse - dot = log Z = 0
   const float a = g * nq / Z;
   int64_t k = 0;
   for (; k + W <= K; k += W) store_row(grad, gdt, k, loadu(e + k) * a - loadu(Q + k) * g, W);
