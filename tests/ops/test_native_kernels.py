@@ -223,6 +223,16 @@ def test_build_failure_falls_back_with_the_reason(tmp_path):
     assert res.returncode != 0 and "DINO_FAST_NATIVE=1 but the native CPU kernels are unavailable" in res.stderr
 
 
+def test_kernels_share_torchs_openmp_pool():
+    """The library's libgomp.so.1 is torch's (one OpenMP runtime in the process): a second pool
+    would leave torch's just-used threads spinning beside the kernel's (measured: 1.7x slower
+    right after a parallel torch op)."""
+    assert native_pkg.load_native() is not None
+    with open("/proc/self/maps") as f:
+        gomps = {line.split()[-1] for line in f if "gomp" in line.split()[-1]}
+    assert len(gomps) == 1, gomps
+
+
 def test_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("DINO_FAST_CACHE", str(tmp_path))
     native_build._load.cache_clear()

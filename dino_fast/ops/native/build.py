@@ -1,6 +1,7 @@
 """Build, cache and load the native CPU kernels (``soft_ce_cpu.cpp``) through ctypes.
 
-The C++ source has no torch headers: it compiles in about a second with the system's C++
+The C++ source has no torch headers (its threads are the OpenMP pool torch itself uses: see
+``FLAGS``): it compiles in about a second with the system's C++
 compiler (``$CXX``, else ``g++``, else ``c++``) into a shared library cached under
 ``$DINO_FAST_CACHE/native`` (default ``~/.cache/dino_fast/native``), keyed by a hash of the
 source, the compiler's version, the flags and the CPU's feature flags (the build uses
@@ -33,7 +34,9 @@ log = logging.getLogger(__name__)
 NATIVE_ENV = "DINO_FAST_NATIVE"
 ABI_VERSION = 1
 SOURCE = Path(__file__).with_name("soft_ce_cpu.cpp")
-FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-fno-trapping-math",
+# -fopenmp links libgomp.so.1: the soname of the libgomp torch bundles and loads first, so the
+# kernels run on torch's own OpenMP pool (no second set of threads competing for the cores)
+FLAGS = ["-O3", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
          "-ffp-contract=fast", "-fvisibility=hidden"]
 
 

@@ -13,12 +13,14 @@
 // (x converted to fp32 when needed, e, the teacher rows of the image) stay in the core's L2, so
 // the student logits are read from memory once and the gradient written once. One exp per
 // element; the exp is a vectorised Cephes polynomial (relative error ~2 ulp), 0 below -87.
-// Every worker thread runs with flush-to-zero and denormals-are-zero (its own MXCSR: the
-// caller's threads are untouched): probabilities below 1e-38 of a row's mass count as 0.
+// Every worker thread runs with flush-to-zero and denormals-are-zero (set and restored around the
+// work in its own MXCSR): probabilities below 1e-38 of a row's mass count as 0. The threads are
+// the OpenMP pool torch uses (see run_parallel).
 //
 // Vectors are GCC vector extensions of 16 floats (one AVX-512 register, two AVX2 registers, or
 // four SSE registers, whatever -march gives).
 #include <math.h>
+#include <omp.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -206,39 +208,39 @@ struct ThreadBuffers {
   }
 };
 
-// cached scratch per worker index (calls are serialised by g_lock)
+// cached scratch per worker index and the padded center (calls are serialised by g_lock): no
+// allocation per call (fresh pages cost a page fault each, about as much as the loss itself)
 pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 std::vector<ThreadBuffers> g_buffers;
+ThreadBuffers g_center;
+
+// The padded center (Kp floats, zeros past K) in g_center.
+const float* padded_center(const float* c, int64_t K, int64_t Kp) {
+  float* p = g_center.get(static_cast<size_t>(Kp));
+  memcpy(p, c, K * sizeof(float));
+  for (int64_t k = K; k < Kp; ++k) p[k] = 0.f;
+  return p;
+}
 
 struct Range {
   int64_t begin, end;
 };
 
+// Run fn(thread index, range of [0, n)) on nthreads threads of the process's OpenMP pool. The
+// library links libgomp.so.1, the soname torch's own libgomp has, so once torch is loaded both
+// share one pool: the threads that just ran a torch op take this work instead of spinning beside
+// it. Each thread works with flush-to-zero / denormals-are-zero and restores its MXCSR after.
 template <class F>
 void run_parallel(int nthreads, int64_t n, F&& fn) {
   if (nthreads < 1) nthreads = 1;
   if (nthreads > n) nthreads = static_cast<int>(n > 0 ? n : 1);
-  struct Job {
-    F* fn;
-    int index;
-    Range range;
-  };
-  std::vector<Job> jobs(nthreads);
-  for (int i = 0; i < nthreads; ++i)
-    jobs[i] = Job{&fn, i, Range{n * i / nthreads, n * (i + 1) / nthreads}};
-  auto body = [](void* p) -> void* {
-    Job* j = static_cast<Job*>(p);
-    _MM_SET_FLUSH_ZERO_MODE(_MM_FLUSH_ZERO_ON);
-    _MM_SET_DENORMALS_ZERO_MODE(_MM_DENORMALS_ZERO_ON);
-    (*j->fn)(j->index, j->range);
-    return nullptr;
-  };
-  std::vector<pthread_t> tids(nthreads);
-  std::vector<bool> started(nthreads, false);
-  for (int i = 0; i < nthreads; ++i) started[i] = pthread_create(&tids[i], nullptr, body, &jobs[i]) == 0;
-  for (int i = 0; i < nthreads; ++i) {
-    if (started[i]) pthread_join(tids[i], nullptr);
-    else body(&jobs[i]);  // could not start a thread: run its share here (MXCSR set on this thread)
+#pragma omp parallel num_threads(nthreads)
+  {
+    const int i = omp_get_thread_num(), nt = omp_get_num_threads();
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040u);  // FTZ (bit 15) and DAZ (bit 6)
+    fn(i, Range{n * i / nt, n * (i + 1) / nt});
+    _mm_setcsr(csr);
   }
 }
 
@@ -266,6 +268,7 @@ DFN_EXPORT int dfn_soft_ce_fwd(const void* S, int64_t s_stride, int s_dt, const 
   pthread_mutex_lock(&g_lock);
   const int64_t Kp = (K + W - 1) / W * W;
   if (nthreads < 1) nthreads = 1;
+  if (nthreads > 256) nthreads = 256;
   if (nthreads > B) nthreads = static_cast<int>(B);
   // per thread: NT teacher rows, the sum of all, the sum of others, e, x and t conversion
   // buffers, a private column sum
@@ -277,10 +280,17 @@ DFN_EXPORT int dfn_soft_ce_fwd(const void* S, int64_t s_stride, int s_dt, const 
     pthread_mutex_unlock(&g_lock);
     return -1;
   }
-  std::vector<float> cpad(Kp, 0.f);
-  memcpy(cpad.data(), c, K * sizeof(float));
-  std::vector<double> partial(nthreads, 0.0);
+  const float* cpad;
+  try {
+    cpad = padded_center(c, K, Kp);
+  } catch (...) {
+    pthread_mutex_unlock(&g_lock);
+    return -1;
+  }
+  double partial[256] = {0.0};
   const int64_t se = elem_size(s_dt), te = elem_size(t_dt), ge = elem_size(g_dt);
+  for (int i = 0; i < nthreads; ++i)  // every private column sum, also of threads the pool does not start
+    memset(g_buffers[i].data.data() + static_cast<size_t>(Kp) * (NT + 5), 0, Kp * sizeof(float));
   run_parallel(nthreads, B, [&](int ti, Range r) {
     float* base = g_buffers[ti].data.data();
     float* q = base;                           // NT x Kp
@@ -289,14 +299,13 @@ DFN_EXPORT int dfn_soft_ce_fwd(const void* S, int64_t s_stride, int s_dt, const 
     float* e = qoth + Kp;
     float* xbuf = e + Kp;
     float* tbuf = xbuf + Kp;
-    float* csum = tbuf + Kp;
-    memset(csum, 0, Kp * sizeof(float));
+    float* csum = tbuf + Kp;  // zeroed before the parallel region
     double acc = 0.0;
     for (int64_t b = r.begin; b < r.end; ++b) {
       for (int i = 0; i < NT; ++i) {
         const char* trow = static_cast<const char*>(T) + ((i * B + b) * t_stride) * te;
         const float* t = f32_row(trow, t_dt, K, Kp, tbuf);
-        teacher_softmax(t, cpad.data(), inv_t, K, Kp, q + i * Kp, csum);
+        teacher_softmax(t, cpad, inv_t, K, Kp, q + i * Kp, csum);
       }
       if (ncrops > NT) {
         for (int64_t k = 0; k < Kp; k += W) {
@@ -363,6 +372,7 @@ DFN_EXPORT int dfn_patch_ce_fwd(const void* S, int64_t s_stride, int s_dt, const
   pthread_mutex_lock(&g_lock);
   const int64_t Kp = (K + W - 1) / W * W;
   if (nthreads < 1) nthreads = 1;
+  if (nthreads > 256) nthreads = 256;
   if (nthreads > rows) nthreads = static_cast<int>(rows > 0 ? rows : 1);
   const size_t per = static_cast<size_t>(Kp) * 5;  // q, e, x, t, colsum
   try {
@@ -372,21 +382,27 @@ DFN_EXPORT int dfn_patch_ce_fwd(const void* S, int64_t s_stride, int s_dt, const
     pthread_mutex_unlock(&g_lock);
     return -1;
   }
-  std::vector<float> cpad(Kp, 0.f);
-  memcpy(cpad.data(), c, K * sizeof(float));
-  std::vector<double> partial(nthreads, 0.0);
+  const float* cpad;
+  try {
+    cpad = padded_center(c, K, Kp);
+  } catch (...) {
+    pthread_mutex_unlock(&g_lock);
+    return -1;
+  }
+  double partial[256] = {0.0};
   const int64_t se = elem_size(s_dt), te = elem_size(t_dt), ge = elem_size(g_dt);
+  for (int i = 0; i < nthreads; ++i)
+    memset(g_buffers[i].data.data() + static_cast<size_t>(Kp) * 4, 0, Kp * sizeof(float));
   run_parallel(nthreads, rows, [&](int ti, Range r) {
     float* q = g_buffers[ti].data.data();
     float* e = q + Kp;
     float* xbuf = e + Kp;
     float* tbuf = xbuf + Kp;
-    float* csum = tbuf + Kp;
-    memset(csum, 0, Kp * sizeof(float));
+    float* csum = tbuf + Kp;  // zeroed before the parallel region
     double acc = 0.0;
     for (int64_t i = r.begin; i < r.end; ++i) {
       const float* t = f32_row(static_cast<const char*>(T) + i * t_stride * te, t_dt, K, Kp, tbuf);
-      teacher_softmax(t, cpad.data(), inv_t, K, Kp, q, colsum ? csum : nullptr);
+      teacher_softmax(t, cpad, inv_t, K, Kp, q, colsum ? csum : nullptr);
       const float* x = f32_row(static_cast<const char*>(S) + i * s_stride * se, s_dt, K, Kp, xbuf);
       float l;
       double d;

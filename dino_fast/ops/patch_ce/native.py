@@ -49,11 +49,14 @@ def patch_ce_forward_native(
     if G.stride(-1) != 1 or G.dtype != S.dtype or G.shape != S.shape:
         raise ValueError(f"out must be {tuple(S.shape)} of S's dtype {S.dtype} with unit column stride, got "
                          f"{tuple(G.shape)} {G.dtype}, strides {tuple(G.stride())}")
-    colsum = torch.zeros((K,), dtype=torch.float32)
-    lse = torch.zeros((rows,), dtype=torch.float32)
-    loss = torch.zeros((), dtype=torch.float64)
     if rows == 0:
-        return loss.float(), colsum, lse, G
+        return (torch.zeros((), dtype=torch.float32), torch.zeros((K,), dtype=torch.float32),
+                torch.zeros((0,), dtype=torch.float32), G)
+    loss = ws.get("patch_loss64", (), torch.float64, S.device)
+    lse = ws.get("patch_lse", (rows,), torch.float32, S.device)
+    colsum = ws.get("patch_colsum", (K,), torch.float32, S.device)
+    if not with_colsum:
+        colsum.zero_()
     cf = c.reshape(-1).to(torch.float32).contiguous()
     wf = w.reshape(-1).to(torch.float32).contiguous()
     rc = lib.dfn_patch_ce_fwd(
