@@ -624,16 +624,18 @@ def default_run_rows(rounds: int, warmup: int, peaks: dict[str, float],
     flops = count_flops(lambda: step(batches[0], "auto", it0))
     dtype = "bfloat16" if tr.precision == "bf16" else "float32"
     base = statistics.median(times[DEFAULT_RUN_VARIANTS[1][0]])
+    compute = torch.bfloat16 if tr.precision == "bf16" else torch.float32
     rows = []
     for name, backend in DEFAULT_RUN_VARIANTS:
         med = statistics.median(times[name])
+        tr.method.student.backbone.set_attn_backend(backend)
+        resolved = tr.method.student.backbone.resolve_attn_backend(tr.device, compute)
         rows.append({
             "setup": f"default run ({config}: {cfg.model.arch}/{cfg.model.patch_size} depth {cfg.model.depth}, "
                      f"B={cfg.data.batch_size_per_gpu} 2x{cfg.data.global_crops_size}+{cfg.data.local_crops_number}x"
                      f"{cfg.data.local_crops_size} K={cfg.model.out_dim}, {tr.precision})",
             "variant": name, "attn_backend": backend,
-            "resolved_attention": tr.method.student.backbone.resolve_attn_backend(
-                tr.device, torch.bfloat16 if tr.precision == "bf16" else torch.float32),
+            "resolved_attention": resolved,
             "precision": tr.precision, "rounds": rounds, "median_s": med, "min_s": min(times[name]),
             "images_per_s": cfg.data.batch_size_per_gpu / med, "speedup_vs_before": base / med,
             "flops_per_step": flops, "achieved_flops_per_s": flops / med, "peak_flops_dtype": dtype,

@@ -248,3 +248,27 @@ def test_build_is_cached_by_source_and_cpu(tmp_path, monkeypatch):
         assert not list((tmp_path / "native").glob("*/*.so.tmp*"))
     finally:
         native_build._load.cache_clear()
+
+
+@pytest.mark.parametrize("rows,K,dtype", [(1, 1, torch.float32), (5, 7, torch.float32), (33, 2049, torch.float32),
+                                          (64, 4096, torch.bfloat16), (9, 1000, torch.float16)])
+def test_sinkhorn_kernels_match_the_eager_log_domain_path_and_float64(rows, K, dtype):
+    from dino_fast.losses.sinkhorn import sinkhorn_knopp_log_targets
+    from dino_fast.ops.sinkhorn.native import sinkhorn_log_targets_native
+    from dino_fast.reference.sinkhorn import sinkhorn_knopp_reference
+
+    wide = (3 * torch.randn(rows, K + 5)).to(dtype)
+    T = wide[:, 2:2 + K]  # strided rows
+    got = sinkhorn_log_targets_native(T, 0.07)
+    previous = native_pkg.set_native_enabled(False)
+    try:
+        eager = sinkhorn_knopp_log_targets(T, 0.07)  # the torch log-domain path (the fallback)
+    finally:
+        native_pkg.set_native_enabled(previous)
+    assert got.dtype == torch.float32 and got.shape == (rows, K) and torch.isfinite(got).all()
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=2e-4)
+    torch.testing.assert_close(got.exp().double(), sinkhorn_knopp_reference(T.double(), 0.07), rtol=2e-4, atol=1e-9)
+    torch.testing.assert_close(torch.logsumexp(got.double(), 1), torch.zeros(rows, dtype=torch.float64), atol=1e-5,
+                               rtol=0)
+    # the public function takes the native path on CPU
+    torch.testing.assert_close(sinkhorn_knopp_log_targets(T, 0.07), got, rtol=0, atol=0)

@@ -32,7 +32,7 @@ __all__ = ["NATIVE_ENV", "ABI_VERSION", "load_native", "native_status", "cache_d
 log = logging.getLogger(__name__)
 
 NATIVE_ENV = "DINO_FAST_NATIVE"
-ABI_VERSION = 1
+ABI_VERSION = 2
 SOURCE = Path(__file__).with_name("soft_ce_cpu.cpp")
 # -fopenmp links libgomp.so.1: the soname of the libgomp torch bundles and loads first, so the
 # kernels run on torch's own OpenMP pool (no second set of threads competing for the cores)
@@ -119,6 +119,11 @@ def _load() -> tuple[Optional[ctypes.CDLL], str]:
     lib.dfn_patch_ce_fwd.argtypes = [vp, i64, i32, vp, i64, i32, vp, vp, i64, i64, f32, f32,
                                      vp, i64, i32, vp, vp, vp, i32]
     lib.dfn_patch_ce_fwd.restype = i32
+    lib.dfn_sk_col_max.argtypes = [vp, i64, i32, i64, i64, f32, vp, vp, i32]
+    lib.dfn_sk_col_sumexp.argtypes = [vp, i64, i32, i64, i64, f32, vp, vp, vp, i32]
+    lib.dfn_sk_rows.argtypes = [vp, i64, i32, i64, i64, f32, vp, vp, f32, vp, i64, i32]
+    for fn in (lib.dfn_sk_col_max, lib.dfn_sk_col_sumexp, lib.dfn_sk_rows):
+        fn.restype = i32
     return lib, ""
 
 

@@ -149,6 +149,25 @@ inline const float* f32_row(const void* row, int dt, int64_t K, int64_t Kp, floa
   return buf;
 }
 
+// Elements [k, k + cnt) of a row of dtype dt as a vector (cnt <= W; the rest PAD).
+inline v16 load16(const void* row, int dt, int64_t k, int cnt) {
+  if (cnt == W) {
+    if (dt == F32) return loadu(static_cast<const float*>(row) + k);
+    if (dt == BF16) {
+      v16s u;
+      memcpy(&u, static_cast<const uint16_t*>(row) + k, sizeof(u));
+      const v16u b = __builtin_convertvector(u, v16u) << 16;
+      return reinterpret_cast<const v16&>(b);
+    }
+    v16h h;
+    memcpy(&h, static_cast<const _Float16*>(row) + k, sizeof(h));
+    return __builtin_convertvector(h, v16);
+  }
+  float buf[W];
+  to_f32(static_cast<const char*>(row) + k * elem_size(dt), dt, cnt, W, buf);
+  return loadu(buf);
+}
+
 // Teacher row t (fp32, padded) -> q = softmax((t - c) * inv_t) into q (Kp, zero padded), and
 // t added into colsum when colsum is not null.
 void teacher_softmax(const float* t, const float* c, float inv_t, int64_t K, int64_t Kp, float* q,
@@ -250,7 +269,7 @@ void run_parallel(int nthreads, int64_t n, F&& fn) {
 
 extern "C" {
 
-DFN_EXPORT int dfn_abi_version() { return 1; }
+DFN_EXPORT int dfn_abi_version() { return 2; }
 
 // The DINO loss over all pairs (teacher crop i, student crop v != i), per image b:
 //   q_ib = softmax((T_ib - c) / tau_t), Q_vb = sum_{i != v} q_ib, |Q_v| = NT - [v < NT]
@@ -423,6 +442,131 @@ DFN_EXPORT int dfn_patch_ce_fwd(const void* S, int64_t s_stride, int s_dt, const
       colsum[k] = s;
     }
   }
+  pthread_mutex_unlock(&g_lock);
+  return 0;
+}
+
+// ------------------------------------------------------------------ Sinkhorn-Knopp (log domain)
+// The iterates of log Q = X - u_k - v_r with X = T * inv_t are never stored: each pass reads T
+// (rows R x K, row stride t_stride, dtype t_dt) and the two offset vectors. Per iteration the
+// caller runs the two column passes (all-reducing the max, then the sums, across ranks between
+// them) and sets u = m + log s + log K, then the row pass sets v; the last pass writes
+// X - u - v + log N. Columns are split over the threads in blocks of 1024 (accumulators in L1),
+// rows in ranges.
+
+// m_k = max_r (X_rk - v_r)
+DFN_EXPORT int dfn_sk_col_max(const void* T, int64_t t_stride, int t_dt, int64_t R, int64_t K, float inv_t,
+                              const float* v, float* m, int nthreads) {
+  const int64_t te = elem_size(t_dt);
+  const int64_t nblk = (K + 1023) / 1024;
+  run_parallel(nthreads, nblk, [&](int, Range rg) {
+    for (int64_t blk = rg.begin; blk < rg.end; ++blk) {
+      const int64_t k0 = blk * 1024, k1 = k0 + 1024 < K ? k0 + 1024 : K;
+      v16 acc[64];
+      for (int j = 0; j < 64; ++j) acc[j] = splat(-INFINITY);
+      for (int64_t r = 0; r < R; ++r) {
+        const char* row = static_cast<const char*>(T) + r * t_stride * te;
+        const float vr = v[r];
+        int j = 0;
+        for (int64_t k = k0; k < k1; k += W, ++j) {
+          const int cnt = k + W <= k1 ? W : static_cast<int>(k1 - k);
+          const v16 x = load16(row, t_dt, k, cnt) * inv_t - vr;
+          acc[j] = x > acc[j] ? x : acc[j];
+        }
+      }
+      int j = 0;
+      for (int64_t k = k0; k < k1; k += W, ++j) {
+        const int cnt = k + W <= k1 ? W : static_cast<int>(k1 - k);
+        memcpy(m + k, &acc[j], cnt * sizeof(float));
+      }
+    }
+  });
+  return 0;
+}
+
+// s_k = sum_r exp(X_rk - v_r - m_k)
+DFN_EXPORT int dfn_sk_col_sumexp(const void* T, int64_t t_stride, int t_dt, int64_t R, int64_t K, float inv_t,
+                                 const float* v, const float* m, float* sums, int nthreads) {
+  const int64_t te = elem_size(t_dt);
+  const int64_t nblk = (K + 1023) / 1024;
+  run_parallel(nthreads, nblk, [&](int, Range rg) {
+    for (int64_t blk = rg.begin; blk < rg.end; ++blk) {
+      const int64_t k0 = blk * 1024, k1 = k0 + 1024 < K ? k0 + 1024 : K;
+      v16 acc[64], mv[64];
+      int j = 0;
+      for (int64_t k = k0; k < k1; k += W, ++j) {
+        const int cnt = k + W <= k1 ? W : static_cast<int>(k1 - k);
+        float buf[W];
+        for (int i = 0; i < W; ++i) buf[i] = i < cnt ? m[k + i] : 0.f;
+        mv[j] = loadu(buf);
+        acc[j] = v16{};
+      }
+      for (int64_t r = 0; r < R; ++r) {
+        const char* row = static_cast<const char*>(T) + r * t_stride * te;
+        const float vr = v[r];
+        j = 0;
+        for (int64_t k = k0; k < k1; k += W, ++j) {
+          const int cnt = k + W <= k1 ? W : static_cast<int>(k1 - k);
+          acc[j] += vexp(load16(row, t_dt, k, cnt) * inv_t - vr - mv[j]);
+        }
+      }
+      j = 0;
+      for (int64_t k = k0; k < k1; k += W, ++j) {
+        const int cnt = k + W <= k1 ? W : static_cast<int>(k1 - k);
+        memcpy(sums + k, &acc[j], cnt * sizeof(float));
+      }
+    }
+  });
+  return 0;
+}
+
+// v_r = logsumexp_k (X_rk - u_k) + log_n;  with out != null instead out_rk = X_rk - u_k - v_r + log_n
+// (fp32 rows of stride o_stride) for the v given.
+DFN_EXPORT int dfn_sk_rows(const void* T, int64_t t_stride, int t_dt, int64_t R, int64_t K, float inv_t,
+                           const float* u, float* v, float log_n, float* out, int64_t o_stride, int nthreads) {
+  pthread_mutex_lock(&g_lock);
+  const int64_t Kp = (K + W - 1) / W * W;
+  if (nthreads < 1) nthreads = 1;
+  if (nthreads > 256) nthreads = 256;
+  if (nthreads > R) nthreads = static_cast<int>(R > 0 ? R : 1);
+  float* upad;
+  try {
+    if (static_cast<int>(g_buffers.size()) < nthreads) g_buffers.resize(nthreads);
+    for (int i = 0; i < nthreads; ++i) g_buffers[i].get(static_cast<size_t>(Kp));
+    upad = g_center.get(static_cast<size_t>(Kp));
+  } catch (...) {
+    pthread_mutex_unlock(&g_lock);
+    return -1;
+  }
+  memcpy(upad, u, K * sizeof(float));
+  for (int64_t k = K; k < Kp; ++k) upad[k] = 0.f;
+  const int64_t te = elem_size(t_dt);
+  run_parallel(nthreads, R, [&](int ti, Range rg) {
+    float* buf = g_buffers[ti].data.data();
+    for (int64_t r = rg.begin; r < rg.end; ++r) {
+      const float* x = f32_row(static_cast<const char*>(T) + r * t_stride * te, t_dt, K, Kp, buf);
+      if (out == nullptr) {
+        v16 mx = splat(-INFINITY);
+        for (int64_t k = 0; k < Kp; k += W) {
+          const v16 y = loadu(x + k) * inv_t - loadu(upad + k);
+          mx = y > mx ? y : mx;
+        }
+        const float mr = hmax(mx);
+        v16 z = {};
+        for (int64_t k = 0; k < Kp; k += W) z += vexp(loadu(x + k) * inv_t - loadu(upad + k) - mr);
+        v[r] = mr + logf(hsum(z)) + log_n;
+      } else {
+        const float off = log_n - v[r];
+        float* o = out + r * o_stride;
+        int64_t k = 0;
+        for (; k + W <= K; k += W) storeu(o + k, loadu(x + k) * inv_t - loadu(upad + k) + off);
+        if (k < K) {
+          const v16 y = loadu(x + k) * inv_t - loadu(upad + k) + off;
+          memcpy(o + k, &y, (K - k) * sizeof(float));
+        }
+      }
+    }
+  });
   pthread_mutex_unlock(&g_lock);
   return 0;
 }
