@@ -47,12 +47,21 @@ def _workload(depth: int, batch: int, device: str, seed: int = 0) -> dict[str, A
     return {"model": model, "tokens": tokens, "weights": weights}
 
 
-def _step_fn(work: dict[str, Any], backend: str) -> Callable[[], None]:
-    """One forward + backward of the block stack with ``backend`` (parameter grads set to None)."""
+def _step_fn(work: dict[str, Any], backend: str, autocast: Optional[torch.dtype] = None) -> Callable[[], None]:
+    """One forward + backward of the block stack with ``backend`` (parameter grads set to None),
+    under ``torch.autocast(dtype=autocast)`` when given (the trainer's bf16 precision)."""
     model, tokens, weights = work["model"], work["tokens"], work["weights"]
     blocks = model.blocks
+    device = tokens[0].device.type
 
     def step() -> None:
+        if autocast is None:
+            body()
+        else:
+            with torch.autocast(device, dtype=autocast):
+                body()
+
+    def body() -> None:
         for p in model.parameters():
             p.grad = None
         loss = 0.0
@@ -74,21 +83,22 @@ def _step_fn(work: dict[str, Any], backend: str) -> Callable[[], None]:
     return step
 
 
-def _check_agreement(work: dict[str, Any], backends: Sequence[str]) -> float:
+def _check_agreement(work: dict[str, Any], backends: Sequence[str], autocast: Optional[torch.dtype] = None) -> float:
     """Max abs difference of the parameter gradients of each backend against the first one,
     relative to the largest gradient (a guard that every timed row computes the same thing)."""
     grads = []
     for b in backends:
-        _step_fn(work, b)()
+        _step_fn(work, b, autocast)()
         grads.append(torch.cat([p.grad.flatten() for p in work["model"].blocks.parameters()]))
     scale = float(grads[0].abs().max())
     return max(float((g - grads[0]).abs().max()) for g in grads) / scale
 
 
-def _cpu_rows(depth: int, batch: int, rounds: int, repeats: int) -> list[dict[str, Any]]:
+def _cpu_rows(depth: int, batch: int, rounds: int, repeats: int,
+              autocast: Optional[torch.dtype] = None) -> list[dict[str, Any]]:
     work = _workload(depth, batch, "cpu")
     backends = ["math", "sdpa"]
-    fns = {b: _step_fn(work, b) for b in backends}
+    fns = {b: _step_fn(work, b, autocast) for b in backends}
     for fn in fns.values():  # warm-up
         fn()
     medians: dict[str, list[float]] = {b: [] for b in backends}
@@ -99,12 +109,13 @@ def _cpu_rows(depth: int, batch: int, rounds: int, repeats: int) -> list[dict[st
             medians[b].append(t["median_s"])
             mins[b] = min(mins[b], t["min_s"])
     peaks = {b: common.peak_cpu_memory(fns[b]) for b in backends}
-    max_diff = _check_agreement(work, backends)
+    max_diff = _check_agreement(work, backends, autocast)
     rows = []
     for b in backends:
         med = statistics.median(medians[b])
         rows.append({
-            "device": "cpu", "backend": b, "median_s": med, "min_s": mins[b],
+            "device": "cpu", "backend": b, "dtype": "fp32" if autocast is None else f"{autocast} autocast".replace("torch.", ""),
+            "median_s": med, "min_s": mins[b],
             "time_vs_math": med / statistics.median(medians["math"]),
             "peak_MiB": peaks[b] / 2**20, "peak_vs_math": peaks[b] / peaks["math"],
             "grad_rel_diff_vs_math": max_diff if b != "math" else 0.0,
@@ -153,7 +164,7 @@ def _core_rows(batch: int, rounds: int, repeats: int) -> list[dict[str, Any]]:
     rows = []
     for b in backends:
         med = statistics.median(medians[b])
-        rows.append({"device": "cpu", "backend": b + " (attention op only)", "median_s": med, "min_s": mins[b],
+        rows.append({"device": "cpu", "backend": b + " (attention op only)", "dtype": "fp32", "median_s": med, "min_s": mins[b],
                      "time_vs_math": med / statistics.median(medians["math"]), "peak_MiB": peaks[b] / 2**20,
                      "peak_vs_math": peaks[b] / peaks["math"]})
     return rows
@@ -204,17 +215,20 @@ def run(quick: bool, threads: int | None = None) -> dict[str, Any]:
               "crops": f"{N_GLOBAL} x {GLOBAL_PX}px + {N_LOCAL} x {LOCAL_PX}px per image",
               "tokens_per_pass": [N_GLOBAL * batch * 197, N_LOCAL * batch * 37],
               "rounds": rounds, "repeats_per_round": repeats, "threads": torch.get_num_threads(),
-              "dtype": "float32", "measures": "forward + backward of the block stack"}
+              "dtype": "float32 and bfloat16 autocast (rows' dtype)", "measures": "forward + backward of the block stack"}
     rows = _cpu_rows(depth, batch, rounds, repeats)
+    # the trainer's CPU precision where the CPU has bf16 units (train.precision=auto): the choice
+    # of attn_backend=auto for half precision on CPU rests on these rows
+    rows += _cpu_rows(depth, batch, rounds, repeats, autocast=torch.bfloat16)
     rows += _core_rows(batch, rounds, repeats)
     if torch.cuda.is_available():  # pragma: no cover - needs a GPU
         config_cuda = dict(config, depth=12, images=32)
         rows += _cuda_rows(config_cuda["depth"], config_cuda["images"])
         config["cuda"] = config_cuda
-    cols = ["device", "backend", "median_s", "min_s", "time_vs_math", "peak_MiB", "peak_vs_math",
+    cols = ["device", "backend", "dtype", "median_s", "min_s", "time_vs_math", "peak_MiB", "peak_vs_math",
             "grad_rel_diff_vs_math"]
     print(f"attention backends, {config['model']}, depth {depth}, {batch} images x "
-          f"({config['crops']}), fp32 forward+backward, {config['threads']} threads")
+          f"({config['crops']}), fp32 and bf16-autocast forward+backward, {config['threads']} threads")
     print(common.fmt_table(rows, cols))
     payload = {"config": config, "rows": rows}
     path = common.write_result("attention", payload)

@@ -17,8 +17,9 @@ with TF32 off for fp32 matmuls so fp32 means fp32:
   (explicit softmax, SDPA, xformers and xformers block-diagonal when installed; bench/attention.py);
 - augmentation: ``MultiCropAugment`` on a uint8 batch on the GPU (2 x 224 + 8 x 96 per image),
   images per second (the design runs it on the training device, after the loader);
-- step: the end-to-end DINO step of bench/step.py (reference eager vs dino-fast, phase by phase,
-  bf16 autocast on both sides), ViT-S/16, 2 x 224 + 8 x 96.
+- step: the end-to-end DINO step of bench/step.py (the official step eager and under
+  ``torch.compile``, dino-fast phase by phase, the Trainer's own step; bf16 autocast on every
+  side), ViT-S/16, 2 x 224 + 10 x 96, with FLOPs per step and achieved / measured peak.
 
 Writes bench/results/gpu.json (the README's GPU table is generated from it by bench/report.py).
 Not part of ``bench all``, which runs on any machine; without CUDA it exits with a message.
@@ -155,13 +156,19 @@ def augment_rows(quick: bool) -> list[dict[str, Any]]:
 
 
 def step_rows(quick: bool) -> list[dict[str, Any]]:
-    """bench.step's end-to-end step on CUDA (bf16 autocast both sides), ViT-S/16."""
+    """bench.step's end-to-end step on CUDA (bf16 autocast on every side), ViT-S/16 with issue 19's
+    crops (2 x 224 + 10 x 96): the official step eager and under ``torch.compile``, dino-fast's
+    step and the Trainer's own step, with FLOPs per step and achieved / peak (the bf16 and fp32
+    matmul peaks measured first, in this run)."""
     from bench import step as step_suite
 
     batch, rounds, warmup = (32, 4, 2) if quick else (64, 10, 3)
-    setup = step_suite.StepSetup(arch="vit_small", batch=batch, device="cuda", autocast="bf16")
+    peaks = step_suite.peak_matmul_flops("cuda")
+    print("  dense matmul peak: " + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in peaks.items()), flush=True)
+    setup = step_suite.StepSetup(arch="vit_small", batch=batch, n_local=10, device="cuda", autocast="bf16")
     print(f"  measuring {setup.label()} ({rounds} rounds)...", flush=True)
-    return [step_suite.bench_setup(setup, rounds=rounds, warmup=warmup, optimizer_repeats=3)]
+    return [step_suite.bench_setup(setup, rounds=rounds, warmup=warmup, optimizer_repeats=3, peaks=peaks,
+                                   compiled_reference=True)]
 
 
 def run(quick: bool = False) -> dict[str, Any]:

@@ -16,7 +16,8 @@ formulation's work is linear in the rows, so the ratios carry over), and ``--ful
 
 Reports (per-call medians, every formulation interleaved call by call in one process):
 - iBOT loss forward+backward (with the center statistic: the teacher column sum / mean):
-  dino-fast (``patch_ce_loss_with_colsum``, eager CPU path) vs DINOv2's ``forward_masked``
+  dino-fast (``patch_ce_loss_with_colsum``, CPU path: the native kernel where it builds; its torch
+  composition as a row beside it) vs DINOv2's ``forward_masked``
   composition (softmax of the centered teacher, log_softmax of the student, weighted sum; plus
   the teacher mean for the center) eager and under ``torch.compile``;
 - Sinkhorn-Knopp targets (3 iterations, no gradient): dino-fast's log-domain CPU path vs
@@ -46,6 +47,7 @@ from bench import common  # noqa: E402
 from dino_fast.data.masking import global_crop_masks  # noqa: E402
 from dino_fast.losses.ibot import masks_weight  # noqa: E402
 from dino_fast.losses.sinkhorn import sinkhorn_knopp_log_targets  # noqa: E402
+from dino_fast.ops.native import set_native_enabled  # noqa: E402
 from dino_fast.ops.patch_ce.function import patch_ce_loss_with_colsum  # noqa: E402
 from dino_fast.ops.soft_ce.eager import Workspace  # noqa: E402
 
@@ -127,7 +129,15 @@ def ibot_rows(B: int, Ks: Sequence[int], rounds: int, warmup: int) -> list[dict[
             s = S.detach().requires_grad_()
             compiled(s, T, c, masks)[0].backward()
 
-        times = _interleaved({"dino-fast": ours, "DINOv2 eager": eager, "DINOv2 compiled": comp}, rounds, warmup)
+        def composition() -> None:  # dino-fast's torch composition (the path before the native kernel)
+            previous = set_native_enabled(False)
+            try:
+                ours()
+            finally:
+                set_native_enabled(previous)
+
+        times = _interleaved({"dino-fast": ours, "dino-fast torch composition": composition, "DINOv2 eager": eager,
+                              "DINOv2 compiled": comp}, rounds, warmup)
         med = statistics.median(times["dino-fast"])
         for n, ts in times.items():
             rows.append(dict(B=B, rows=S.shape[0], K=K, formulation=n, median_ms=statistics.median(ts),

@@ -172,6 +172,32 @@ def section_step(doc: dict[str, Any], png_dir: str, plots: set[str]) -> str:
                      + (f"; best-of-rounds step {fmt(r['reference_min']['total'] * 1e3)} vs "
                         f"{fmt(r['ours_min']['total'] * 1e3)} ms ({fmt(r['speedup_of_min_totals'])}x)"
                         if "reference_min" in r else ""))
+    rate_rows = []
+    labels = {"reference": "official eager", "reference_compiled": "official under torch.compile",
+              "ours": "dino-fast step (same modules)", "trainer": "dino-fast Trainer step"}
+    for r in doc.get("rows", []):
+        for side, a in r.get("achieved", {}).items():
+            t = r[side]["total"]
+            rate_rows.append({"setup": r["setup"], "side": labels.get(side, side), "total_ms": t * 1e3,
+                              "gflop": r["flops_per_step"] / 1e9, "gflops": a["flops_per_s"] / 1e9,
+                              "of_peak": a["of_peak"], "peak": f"{r['peak_flops_dtype']} {r['peak_flops'] / 1e9:.0f}"})
+    default_rows = [{**r, "ms": r["median_s"] * 1e3, "min_ms": r["min_s"] * 1e3, "gflop": r["flops_per_step"] / 1e9,
+                     "gflops": r["achieved_flops_per_s"] / 1e9} for r in doc.get("default_run", [])]
+    extra = []
+    if rate_rows:
+        peaks = ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in doc.get("peak_matmul_flops", {}).items())
+        extra += ["Achieved model FLOP/s (FLOPs per step counted by `torch.utils.flop_counter`: matmuls, "
+                  f"convolutions, attention) against the dense-matmul peak measured in the same run ({peaks}):", "",
+                  _table(rate_rows, [("setup", "setup"), ("side", "side"), ("total_ms", "step ms"),
+                                     ("gflop", "GFLOP/step"), ("gflops", "GFLOP/s"), ("of_peak", "of peak"),
+                                     ("peak", "peak GFLOP/s")]), ""]
+    if default_rows:
+        extra += ["The default run's own step (`Trainer.step_on_crops` of configs/default.yaml on real batches, "
+                  "interleaved; `attn sdpa` is the step before issue 19):", "",
+                  _table(default_rows, [("variant", "variant"), ("resolved_attention", "attention"),
+                                        ("precision", "precision"), ("ms", "median ms"), ("min_ms", "min ms"),
+                                        ("images_per_s", "images/s"), ("speedup_vs_before", "vs before"),
+                                        ("gflop", "GFLOP/step"), ("gflops", "GFLOP/s"), ("of_peak", "of peak")]), ""]
     return "\n".join([
         "### End-to-end training step (`python -m bench.step`)", "",
         f"{_provenance(doc)}; device {doc.get('device', '?')}; apex: {doc.get('apex', '?')}.", "",
@@ -179,7 +205,7 @@ def section_step(doc: dict[str, Any], png_dir: str, plots: set[str]) -> str:
         "clipping and EMA loops, AdamW as the official code builds it); dino-fast = the same model, weights "
         "and crops with sdpa attention, the fused loss, `clip_gradients`, `TeacherEMA` and the faster "
         "of foreach/fused AdamW. Medians over interleaved rounds; speed-up rows are reference / dino-fast.", "",
-        _table(rows, cols), "", *notes, "", _img("step", png_dir, plots),
+        _table(rows, cols), "", *notes, "", *extra, _img("step", png_dir, plots),
     ])
 
 
@@ -237,7 +263,7 @@ def section_attention(doc: dict[str, Any], png_dir: str, plots: set[str]) -> str
     desc = ", ".join(f"{k} {v}" for k, v in cfg.items() if k in ("model", "depth", "images", "crops", "measures"))
     return "\n".join([
         "### Attention (`python -m bench.attention`)", "", f"{_provenance(doc)}; {desc}.", "",
-        _table(doc.get("rows", []), [("device", "device"), ("backend", "backend"), ("median_s", "median s"),
+        _table(doc.get("rows", []), [("device", "device"), ("backend", "backend"), ("dtype", "dtype"), ("median_s", "median s"),
                                      ("time_vs_math", "time / math"), ("peak_MiB", "peak MiB"),
                                      ("peak_vs_math", "memory / math")]),
         "", _img("attention", png_dir, plots),

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import os
 import statistics
@@ -52,6 +53,7 @@ from bench.report import PHASES, step_phase_rows
 from dino_fast.reference.optim import clip_gradients_reference
 
 BAR_SPEEDUP = 1.5
+BAR_DEFAULT_RUN = 1.5  # issue 19: the default run's step >= 1.5x the step before it
 EPOCH = 1  # past the official one-epoch freeze of the last layer: every parameter is trained
 MOMENTUM = 0.996
 OPTIMIZER_VARIANTS = ("default", "foreach", "fused")
@@ -177,11 +179,12 @@ class StepSide:
     """
 
     def __init__(self, setup: StepSetup, kind: str, state_dict: dict[str, torch.Tensor],
-                 optimizer: Optional[str] = None) -> None:
+                 optimizer: Optional[str] = None, compiled: bool = False) -> None:
         from dino_fast.train.optim import param_groups
 
         if kind not in ("reference", "ours"):
             raise ValueError(f"kind must be 'reference' or 'ours', got {kind!r}")
+        self.compiled = compiled
         self.setup, self.kind = setup, kind
         cuda = setup.device == "cuda"
         attn = "math" if kind == "reference" else ("auto" if cuda else "sdpa")
@@ -217,6 +220,10 @@ class StepSide:
         self.ema: Callable[[float], None] = ema
         self.optimizer = make_optimizer(param_groups(self.student), self.optimizer_variant)
         set_schedule_values(self.optimizer, setup)
+        # what a user gets for free: torch.compile (default mode) of the networks and the loss
+        self._student_fwd: Callable[..., Any] = torch.compile(self.student) if compiled else self.student
+        self._teacher_fwd: Callable[..., Any] = torch.compile(self.teacher) if compiled else self.teacher
+        self._loss_fwd: Callable[..., Any] = torch.compile(self.loss) if compiled else self.loss
 
     def _autocast(self) -> Any:
         import contextlib
@@ -245,10 +252,10 @@ class StepSide:
         torch.manual_seed(seed)  # drop path draws from the global generator: same masks on both sides
         mark()
         with self._autocast():
-            t_out = self.teacher(list(crops[:2]))
-            s_out = self.student(list(crops))
+            t_out = self._teacher_fwd(list(crops[:2]))
+            s_out = self._student_fwd(list(crops))
         mark()
-        loss = self.loss(s_out, t_out, EPOCH)
+        loss = self._loss_fwd(s_out, t_out, EPOCH)
         loss_value = loss.item()
         mark()
         self.optimizer.zero_grad(set_to_none=True)
@@ -402,6 +409,54 @@ def optimizer_variants(setup: StepSetup, side: StepSide, repeats: int) -> dict[s
     return out
 
 
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs of one call of ``fn`` (a whole step: forward, loss, backward), counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and attention; the
+    elementwise work is not counted, as in every MFU figure)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def peak_matmul_flops(device: str, dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
+                      n: Optional[int] = None, repeats: int = 5) -> dict[str, float]:
+    """The device's dense-matmul throughput in FLOP/s per dtype: the best of ``repeats`` square
+    ``n x n @ n x n`` products (n = 2048 on CPU, 8192 on CUDA), measured now, in this process."""
+    n = n or (8192 if device == "cuda" else 2048)
+    out = {}
+    for dt in dtypes:
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
+        best = math.inf
+        for i in range(repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            _sync(device)
+            if i > 0:  # the first call warms up
+                best = min(best, time.perf_counter() - t0)
+        out[str(dt).replace("torch.", "")] = 2.0 * n ** 3 / best
+        del a, b
+    return out
+
+
+def add_flop_rates(row: dict[str, Any], flops: int, peaks: dict[str, float], dtype: str,
+                   sides: Sequence[str]) -> None:
+    """Put ``flops`` per step, achieved FLOP/s per side (median total) and the ratio to the
+    measured peak of ``dtype`` into ``row`` (in place)."""
+    row["flops_per_step"] = flops
+    row["peak_flops_dtype"] = dtype
+    row["peak_flops"] = peaks[dtype]
+    row["achieved"] = {}
+    for side in sides:
+        t = row[side]["total"]
+        rate = flops / t if t > 0 else math.nan
+        row["achieved"][side] = {"flops_per_s": rate, "of_peak": rate / peaks[dtype]}
+
+
 def _apex_installed() -> bool:
     try:
         import apex  # noqa: F401
@@ -411,11 +466,15 @@ def _apex_installed() -> bool:
 
 
 def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Optional[str] = None,
-                optimizer_repeats: int = 3) -> dict[str, Any]:
-    """Measure one setup: optimizer variants, then interleaved reference / dino-fast steps.
+                optimizer_repeats: int = 3, compiled_reference: bool = True,
+                peaks: Optional[dict[str, float]] = None) -> dict[str, Any]:
+    """Measure one setup: optimizer variants, then interleaved reference / dino-fast / Trainer
+    steps (and the reference under ``torch.compile`` when ``compiled_reference``).
 
     ``ours_optimizer=None`` picks the faster of ``foreach`` and ``fused`` from the variant timings.
-    Returns a JSON-ready row (median seconds per phase for both sides, speed-ups, losses).
+    ``peaks``: the device's measured matmul FLOP/s per dtype (:func:`peak_matmul_flops`), for the
+    achieved / peak columns. Returns a JSON-ready row (median seconds per phase for every side,
+    speed-ups, losses, FLOPs per step and achieved FLOP/s).
     """
     if rounds < 1 or warmup < 0:
         raise ValueError(f"rounds must be >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
@@ -437,7 +496,9 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
     torch.manual_seed(0)
     sd = {k: v.detach().clone() for k, v in ref.student.state_dict().items()}
     trainer = TrainerSide(setup, sd, tmp.name)
-    sides = (("reference", ref), ("ours", ours), ("trainer", trainer))
+    sides: tuple[tuple[str, Any], ...] = (("reference", ref), ("ours", ours), ("trainer", trainer))
+    if compiled_reference:
+        sides += (("reference_compiled", StepSide(setup, "reference", sd, compiled=True)),)
     first_losses = {}
     for i in range(warmup):
         for name, side in sides:
@@ -446,7 +507,9 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
     phase_times: dict[str, dict[str, list[float]]] = {
         n: {p: [] for p in PHASES + ("total",)} for n in ("reference", "ours")}
     phase_times["trainer"] = {"total": []}
-    losses: dict[str, list[float]] = {"reference": [], "ours": [], "trainer": []}
+    if compiled_reference:
+        phase_times["reference_compiled"] = {p: [] for p in PHASES + ("total",)}
+    losses: dict[str, list[float]] = {name: [] for name, _ in sides}
     for r in range(rounds):
         order = sides if r % 2 == 0 else sides[::-1]
         for name, side in order:
@@ -497,9 +560,89 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
     row["trainer_speedup"] = statistics.median(t_ratios)
     row["trainer_speedup_min_max"] = [min(t_ratios), max(t_ratios)]
     row["images_per_s_trainer"] = setup.batch / row["trainer"]["total"]
+    if compiled_reference:
+        rc = phase_times["reference_compiled"]
+        row["reference_compiled"] = {p: statistics.median(ts) for p, ts in rc.items()}
+        row["reference_compiled_min"] = {p: min(ts) for p, ts in rc.items()}
+        c_ratios = [a / b for a, b in zip(rc["total"], phase_times["trainer"]["total"])]
+        row["trainer_speedup_vs_compiled_reference"] = statistics.median(c_ratios)
+        row["first_loss_reference_compiled"] = first_losses["reference_compiled"]
+    if peaks is not None:
+        flops = count_flops(functools.partial(ours.step, crops, seed=0))
+        add_flop_rates(row, flops, peaks, "bfloat16" if setup.autocast == "bf16" else "float32",
+                       [name for name, _ in sides])
     del ref, ours, trainer, sides
     tmp.cleanup()
     return row
+
+
+DEFAULT_RUN_VARIANTS = (("attn auto", "auto"), ("attn sdpa (before issue 19)", "sdpa"))
+
+
+def default_run_rows(rounds: int, warmup: int, peaks: dict[str, float],
+                     config: str = "configs/default.yaml") -> list[dict[str, Any]]:
+    """The default run's own step: ``Trainer.step_on_crops`` of ``config`` (the built-in data,
+    ``train.precision=auto``: bf16 on CPUs with bf16 units) on real augmented batches, with the
+    attention backend of today's default (``auto``) and of the step before issue 19 (``sdpa``,
+    torch's fused kernel, also in bf16), interleaved round by round on one Trainer. One row per
+    variant: median / min seconds per step, images/s, FLOPs per step (counted), achieved FLOP/s
+    and its ratio to the measured matmul peak of the run's precision."""
+    import tempfile
+
+    from dino_fast.config import load_config
+    from dino_fast.train.loop import Trainer
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench_step_default_")
+    cfg = load_config(config, [f"train.output_dir={tmp.name}/out", "train.progress=false", "train.resume=none",
+                               "data.num_workers=0"])
+    tr = Trainer(cfg)
+    ids = tr.loader.batch_indices()
+    batches = []
+    for i, (g, loc, _) in enumerate(tr.loader):
+        if i >= warmup + rounds:
+            break
+        gen = torch.Generator(device=tr.device)
+        gen.manual_seed(i)
+        batches.append([c.detach() for c in tr.augment(g, loc, generator=gen, sample_ids=ids[i], seed=0, epoch=0)])
+    epoch = min(tr.cfg.train.epochs - 1, tr.cfg.optim.warmup_epochs + 1)  # past warm-up and the head freeze
+    it0 = epoch * tr.niter_per_epoch
+
+    def step(crops: Sequence[torch.Tensor], backend: str, it: int) -> float:
+        for net in (tr.method.student, tr.method.teacher):
+            net.backbone.set_attn_backend(backend)
+        t0 = time.perf_counter()
+        tr.step_on_crops(list(crops), epoch, it)
+        return time.perf_counter() - t0
+
+    times: dict[str, list[float]] = {name: [] for name, _ in DEFAULT_RUN_VARIANTS}
+    for r in range(warmup + rounds):
+        order = DEFAULT_RUN_VARIANTS if r % 2 == 0 else DEFAULT_RUN_VARIANTS[::-1]
+        for name, backend in order:
+            t = step(batches[r % len(batches)], backend, it0 + r)
+            if r >= warmup:
+                times[name].append(t)
+    flops = count_flops(lambda: step(batches[0], "auto", it0))
+    dtype = "bfloat16" if tr.precision == "bf16" else "float32"
+    base = statistics.median(times[DEFAULT_RUN_VARIANTS[1][0]])
+    compute = torch.bfloat16 if tr.precision == "bf16" else torch.float32
+    rows = []
+    for name, backend in DEFAULT_RUN_VARIANTS:
+        med = statistics.median(times[name])
+        tr.method.student.backbone.set_attn_backend(backend)
+        resolved = tr.method.student.backbone.resolve_attn_backend(tr.device, compute)
+        rows.append({
+            "setup": f"default run ({config}: {cfg.model.arch}/{cfg.model.patch_size} depth {cfg.model.depth}, "
+                     f"B={cfg.data.batch_size_per_gpu} 2x{cfg.data.global_crops_size}+{cfg.data.local_crops_number}x"
+                     f"{cfg.data.local_crops_size} K={cfg.model.out_dim}, {tr.precision})",
+            "variant": name, "attn_backend": backend,
+            "resolved_attention": resolved,
+            "precision": tr.precision, "rounds": rounds, "median_s": med, "min_s": min(times[name]),
+            "images_per_s": cfg.data.batch_size_per_gpu / med, "speedup_vs_before": base / med,
+            "flops_per_step": flops, "achieved_flops_per_s": flops / med, "peak_flops_dtype": dtype,
+            "peak_flops": peaks[dtype], "of_peak": flops / med / peaks[dtype],
+        })
+    tmp.cleanup()
+    return rows
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
@@ -517,6 +660,16 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
               f"{r['trainer']['total'] * 1e3:.1f} ms, {r['trainer_speedup']:.2f}x the reference "
               f"(per-round {r['trainer_speedup_min_max'][0]:.2f}-{r['trainer_speedup_min_max'][1]:.2f}x), "
               f"first-step loss {r['first_loss_trainer']:.6f} (rel. diff {r['loss_rel_diff_first_step_trainer']:.1e})")
+    for r in rows:
+        if "reference_compiled" in r:
+            print(f"  {r['setup']}: official step under torch.compile (networks and loss, default mode): "
+                  f"{r['reference_compiled']['total'] * 1e3:.1f} ms; the Trainer's step is "
+                  f"{r['trainer_speedup_vs_compiled_reference']:.2f}x it")
+        if "achieved" in r:
+            cells = ", ".join(f"{side} {a['flops_per_s'] / 1e9:.0f} GFLOP/s ({100 * a['of_peak']:.1f} % of peak)"
+                              for side, a in r["achieved"].items())
+            print(f"  {r['setup']}: {r['flops_per_step'] / 1e9:.1f} GFLOP per step (counted); achieved: {cells}; "
+                  f"peak = measured {r['peak_flops_dtype']} matmul {r['peak_flops'] / 1e9:.0f} GFLOP/s")
     for r in rows:
         print(f"  {r['setup']}: first-step loss reference {r['first_loss_reference']:.6f}, ours "
               f"{r['first_loss_ours']:.6f} (rel. diff {r['loss_rel_diff_first_step']:.1e}); attention "
@@ -542,10 +695,17 @@ def run(quick: bool = False, threads: Optional[int] = None) -> dict[str, Any]:
     else:
         batch, rounds, warmup = (2, 3, 1) if quick else (4, 7, 1)
         setups = [StepSetup(arch=a, batch=batch) for a in ("vit_tiny", "vit_small")]
+    peaks = peak_matmul_flops("cuda" if cuda else "cpu")
+    print("  dense matmul peak, measured now: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks.items()),
+          flush=True)
     rows = []
     for s in setups:
         print(f"  measuring {s.label()} on {s.device} ({rounds} rounds)...", flush=True)
-        rows.append(bench_setup(s, rounds=rounds, warmup=warmup, optimizer_repeats=2 if quick else 5))
+        rows.append(bench_setup(s, rounds=rounds, warmup=warmup, optimizer_repeats=2 if quick else 5, peaks=peaks))
+    default_rows: list[dict[str, Any]] = []
+    if not cuda:
+        print("  measuring the default run's step (configs/default.yaml)...", flush=True)
+        default_rows = default_run_rows(rounds=3 if quick else 10, warmup=1 if quick else 2, peaks=peaks)
     load = os.getloadavg()
     vs = next(r for r in rows if r["model"] == "vit_small")
     met = vs["speedup"] >= BAR_SPEEDUP
@@ -554,6 +714,7 @@ def run(quick: bool = False, threads: Optional[int] = None) -> dict[str, Any]:
     payload: dict[str, Any] = {
         "quick": quick, "threads": torch.get_num_threads(), "device": "cuda" if cuda else "cpu",
         "phases": list(PHASES), "epoch": EPOCH, "momentum": MOMENTUM, "rows": rows,
+        "peak_matmul_flops": peaks, "default_run": default_rows,
         "apex": ("installed" if _apex_installed() else "apex not installed"),
         "bars": {"step_speedup_vit_small_cpu" if not cuda else "step_speedup_vit_small_cuda": {
             "value": vs["speedup"], "bar": BAR_SPEEDUP, "met": met,
@@ -565,6 +726,19 @@ def run(quick: bool = False, threads: Optional[int] = None) -> dict[str, Any]:
     print(f"\nEnd-to-end DINO step, {payload['device']}, {payload['threads']} threads"
           f"{' (quick)' if quick else ''}; apex: {payload['apex']}")
     _print_rows(rows)
+    if default_rows:
+        now = default_rows[0]
+        payload["bars"]["default_run_step_speedup_cpu"] = {
+            "value": now["speedup_vs_before"], "bar": BAR_DEFAULT_RUN, "met": now["speedup_vs_before"] >= BAR_DEFAULT_RUN,
+            "note": "the default run's Trainer step with today's attention choice vs the step before issue 19 "
+                    "(sdpa), interleaved on one Trainer; the epoch-start stalls the persistent loader workers "
+                    "removed show only in whole runs (README)" + ("; UNRELIABLE: machine loaded" if loaded else "")}
+        print("\nThe default run's step (Trainer.step_on_crops, real batches):")
+        print(common.fmt_table([{**r, "ms": r["median_s"] * 1e3, "min_ms": r["min_s"] * 1e3,
+                                 "GFLOP": r["flops_per_step"] / 1e9, "GFLOP/s": r["achieved_flops_per_s"] / 1e9}
+                                for r in default_rows],
+                               ["variant", "resolved_attention", "ms", "min_ms", "images_per_s", "speedup_vs_before",
+                                "GFLOP", "GFLOP/s", "of_peak"]))
     print(f"\nbar: ViT-S/16 step dino-fast >= {BAR_SPEEDUP}x the reference: {vs['speedup']:.2f}x "
           f"(per-round {vs['speedup_min_max'][0]:.2f}-{vs['speedup_min_max'][1]:.2f}x) -> "
           f"{'MET' if met else 'NOT MET'}{' (UNRELIABLE: machine loaded)' if loaded else ''}")

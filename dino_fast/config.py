@@ -31,6 +31,7 @@ class ModelConfig:
     patch_size: int = 16
     depth: Optional[int] = None  # None: the architecture's own depth (12)
     drop_path_rate: float = 0.1
+    layerscale_init: float = 0.0  # DINOv2's LayerScale init (1e-5); 0: none (official DINO blocks)
     attn_backend: str = "auto"  # auto | xformers | sdpa | math
     fused_multicrop_attention: bool = False  # CUDA + xformers: one attention call over all crops
     out_dim: int = 65536
@@ -256,6 +257,10 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be > 0, got {val!r}")
         if self.train.iterations < 0:
             raise ConfigError(f"train.iterations must be >= 0 (0: train.epochs decides), got {self.train.iterations}")
+        ls = self.model.layerscale_init
+        if not (isinstance(ls, (int, float)) and not isinstance(ls, bool) and math.isfinite(ls) and ls >= 0):
+            raise ConfigError(f"model.layerscale_init must be a finite float >= 0 (0: no LayerScale, DINOv2: 1e-5), "
+                              f"got {ls!r}")
         if self.eval.linear_epochs < 1:
             raise ConfigError(f"eval.linear_epochs must be >= 1, got {self.eval.linear_epochs}")
         if self.data.local_crops_number < 0:

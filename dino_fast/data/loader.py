@@ -232,7 +232,27 @@ class _FolderBatches(Dataset):
         return g, loc, labels, boxes
 
 
+class _Jobs:
+    """The sampler of the folder backend's persistent DataLoader: iterates whatever job list
+    (``(epoch, indices)`` pairs) :meth:`_FolderBackend.iterate` set last."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[int, np.ndarray]] = []
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        return iter(list(self.jobs))
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+
 class _FolderBackend(LoaderBackend):
+    """PIL decoding in ``num_workers`` worker processes that live for the whole run: one
+    DataLoader with persistent workers whose sampler is swapped per epoch. (A DataLoader per epoch
+    forks its workers again at every epoch start, and the fresh workers' start and first batches
+    ran beside the training step's threads: the first step of each epoch took 3.5x a normal one
+    on 2 cores.)"""
+
     name = "folder"
 
     def __init__(self, cfg: MultiCropConfig, scan: FolderScan) -> None:
@@ -241,6 +261,8 @@ class _FolderBackend(LoaderBackend):
         self.classes = scan.classes
         self.dataset = _FolderBatches(scan, cfg.crop_spec(), cfg.seed)
         self.num_workers = min(cfg.num_workers, available_cores())
+        self._jobs = _Jobs()
+        self._dl: Optional[DataLoader] = None
 
     def iterate(self, epoch: int, batches: Sequence[np.ndarray]) -> Iterator[Batch]:
         jobs = [(epoch, b) for b in batches]
@@ -250,14 +272,14 @@ class _FolderBackend(LoaderBackend):
             for job in jobs:
                 yield self.dataset[job]
             return
-        dl = DataLoader(
-            self.dataset,
-            batch_size=None,
-            sampler=jobs,
-            num_workers=min(self.num_workers, len(jobs)),
-            prefetch_factor=2,
-        )
-        yield from dl
+        if self._dl is None:
+            self._dl = DataLoader(self.dataset, batch_size=None, sampler=self._jobs,
+                                  num_workers=self.num_workers, prefetch_factor=2, persistent_workers=True)
+        # The sampler is read when the iterator (re)starts. A DataLoader with persistent workers
+        # has one iterator: a new iterate() resets it (the batches still in flight for an
+        # abandoned epoch are discarded by torch), so only the newest generator may be consumed.
+        self._jobs.jobs = jobs
+        yield from iter(self._dl)
 
 
 # --------------------------------------------------------------------------------------------

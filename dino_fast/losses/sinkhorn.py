@@ -16,8 +16,10 @@ NaN when a global maximum is subtracted instead). The constant first normalisati
 
 Backends: on CUDA tensors (``backend="auto"``, or ``"triton"`` under ``TRITON_INTERPRET=1``) the
 iterations run as Triton passes that never materialise the iterates nor a transposed copy
-(:mod:`dino_fast.ops.sinkhorn`); the eager torch code below is the CPU path and the fallback
-(``"torch"``), and fp64 inputs always take it.
+(:mod:`dino_fast.ops.sinkhorn`); on CPU tensors in fp32/bf16/fp16 the native kernels
+(:mod:`dino_fast.ops.sinkhorn.native`: three passes over T per iteration, no full-size
+temporary); the eager torch code below is the fallback (``"torch"`` without a C++ compiler),
+and fp64 inputs always take it.
 """
 from __future__ import annotations
 
@@ -65,6 +67,13 @@ def sinkhorn_knopp_log_targets(teacher_logits: Tensor, teacher_temp: float, n_it
         from dino_fast.ops.sinkhorn.function import sinkhorn_log_targets_triton
 
         return sinkhorn_log_targets_triton(teacher_logits.contiguous(), float(teacher_temp), n_iterations)
+    if impl == "torch" and teacher_logits.device.type == "cpu" and teacher_logits.stride(-1) == 1:
+        from dino_fast.ops.soft_ce.native import native_supported
+
+        if native_supported(teacher_logits):
+            from dino_fast.ops.sinkhorn.native import sinkhorn_log_targets_native
+
+            return sinkhorn_log_targets_native(teacher_logits, float(teacher_temp), n_iterations)
     dt = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
     x = teacher_logits.to(dt) / float(teacher_temp)
     rows, K = x.shape

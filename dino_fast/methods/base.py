@@ -222,5 +222,7 @@ def build_backbone(cfg: TrainConfig, *, teacher: bool, **extra: Any) -> nn.Modul
     )
     if cfg.model.depth is not None:
         kwargs["depth"] = cfg.model.depth
+    if cfg.model.layerscale_init > 0:
+        kwargs["layerscale_init"] = cfg.model.layerscale_init
     kwargs.update(extra)
     return create_backbone(cfg.model.arch, **kwargs)

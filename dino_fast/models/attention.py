@@ -6,12 +6,16 @@ Backends (all compute ``softmax(q k^T * scale) v`` per head, the official DINO a
   operators since 0.0.22). Also runs packed sequences of different lengths in one call through a
   ``BlockDiagonalMask`` (all crops of all resolutions at once, see :func:`packed_attention`).
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / memory-efficient
-  kernels on CUDA, a fused flash kernel on CPU); the CPU default.
+  kernels on CUDA, a fused flash kernel on CPU); the CPU default for fp32.
 - ``"math"``: the official explicit softmax; the only backend that returns the attention
   weights (``get_last_selfattention``, attention maps).
 - ``"auto"``: ``xformers`` when it is installed, the tensors are on CUDA and its operators run
-  there (a binary built for another torch imports but has none: probed once per device), ``sdpa`` otherwise;
-  the first resolution per device type logs through :mod:`logging` which backend and why.
+  there (a binary built for another torch imports but has none: probed once per device), ``sdpa`` otherwise
+  on CUDA; on CPU ``sdpa`` for fp32 and ``math`` when the attention computes in bf16/fp16 (input
+  dtype, or the autocast dtype inside an autocast region: torch's CPU flash kernel in half precision
+  is several times slower than the explicit softmax, whose matmuls run on the CPU's bf16 units;
+  ``bench/attention.py`` measures both); the first resolution per device type and dtype logs through
+  :mod:`logging` which backend and why.
 
 An explicit request that cannot be honoured (``"xformers"`` on CPU tensors, or without xformers
 installed) raises :class:`ValueError` saying why; nothing falls back silently.
@@ -118,15 +122,31 @@ def xformers_status(device: torch.device | str | None = None) -> tuple[bool, str
     return reason == "", reason
 
 
-def resolve_attn_backend(requested: str, device: torch.device | str, *, log_state: dict | None = None) -> str:
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def attention_compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the attention of a model fed with ``x`` computes in: the autocast dtype when
+    autocast is enabled for ``x``'s device type (the ``qkv`` projection then returns it), else
+    ``x.dtype``. ``x``: any floating tensor (the model input or the block's tokens)."""
+    dev = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def resolve_attn_backend(requested: str, device: torch.device | str, *, dtype: torch.dtype | None = None,
+                         log_state: dict | None = None) -> str:
     """Resolve an attention backend request for tensors on ``device`` to a concrete backend.
 
     Args:
         requested: one of :data:`ATTN_BACKENDS`.
         device: the device of the attention inputs.
+        dtype: the dtype the attention computes in (:func:`attention_compute_dtype`); on CPU,
+            ``"auto"`` picks ``math`` for bf16/fp16 and ``sdpa`` otherwise (None: fp32).
         log_state: a dict owned by the caller (one per model) that records which device types
-            ``"auto"`` already logged its choice for, so the choice is logged once per model
-            and device type; ``None`` logs every ``"auto"`` resolution.
+            (and dtypes) ``"auto"`` already logged its choice for, so the choice is logged once
+            per model, device type and dtype; ``None`` logs every ``"auto"`` resolution.
 
     Returns:
         ``"xformers"``, ``"sdpa"`` or ``"math"``.
@@ -141,14 +161,19 @@ def resolve_attn_backend(requested: str, device: torch.device | str, *, log_stat
         ok, reason = xformers_status(device)
         if ok and device.type == "cuda":
             choice, why = "xformers", "xformers is installed, the tensors are on CUDA and its operators run there"
+        elif device.type != "cuda" and dtype in _HALF:
+            choice, why = "math", (f"the attention computes in {str(dtype).replace('torch.', '')} on {device.type}, "
+                                   "where torch's fused SDPA kernel is several times slower than the explicit "
+                                   "softmax (bench/attention.py), and xformers has CUDA operators only")
         elif device.type != "cuda":
             choice, why = "sdpa", f"the tensors are on {device.type}, and xformers has CUDA operators only"
         else:
             choice, why = "sdpa", reason
-        if log_state is None or device.type not in log_state:
-            logger.info("attn_backend='auto' chose %r for %s tensors: %s", choice, device.type, why)
+        key = device.type if dtype is None else f"{device.type}/{str(dtype).replace('torch.', '')}"
+        if log_state is None or key not in log_state:
+            logger.info("attn_backend='auto' chose %r for %s tensors: %s", choice, key, why)
             if log_state is not None:
-                log_state[device.type] = choice
+                log_state[key] = choice
         return choice
     if requested == "xformers":
         ok, reason = xformers_status(device)
@@ -317,9 +342,10 @@ class Attention(nn.Module):
         self.attn_backend = check_attn_backend(attn_backend)
         self._auto_log: dict[str, str] = {}
 
-    def resolve_backend(self, device: torch.device) -> str:
-        """Concrete backend for inputs on ``device`` (see :func:`resolve_attn_backend`)."""
-        return resolve_attn_backend(self.attn_backend, device, log_state=self._auto_log)
+    def resolve_backend(self, device: torch.device, dtype: torch.dtype | None = None) -> str:
+        """Concrete backend for inputs on ``device`` computing in ``dtype`` (see
+        :func:`resolve_attn_backend`)."""
+        return resolve_attn_backend(self.attn_backend, device, dtype=dtype, log_state=self._auto_log)
 
     def forward(
         self, x: torch.Tensor, *, backend: str | None = None, return_attention: bool = False
@@ -337,7 +363,7 @@ class Attention(nn.Module):
         B, N, C = x.shape
         H = self.num_heads
         if backend is None:
-            backend = "math" if return_attention else self.resolve_backend(x.device)
+            backend = "math" if return_attention else self.resolve_backend(x.device, attention_compute_dtype(x))
         if return_attention:
             backend = "math"
         p = self.attn_drop.p if self.training else 0.0

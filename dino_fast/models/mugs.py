@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dino_fast.models.attention import attention_compute_dtype
 from dino_fast.models.multicrop import group_by_resolution
 
 __all__ = ["ProjectorHead", "PredictorHead", "MugsMemory", "MugsNetwork"]
@@ -178,7 +179,7 @@ class MugsNetwork(nn.Module):
                 mean_patch = f["x_norm_patchtokens"][: crops[0].shape[0]].mean(1).detach().float()
             u = x.mean(1)                                              # pre-norm mean of all tokens
             rx = torch.cat([u.unsqueeze(1), memory.lookup(u.detach()).to(u.dtype)], dim=1)
-            backend = self.backbone.resolve_attn_backend(rx.device)
+            backend = self.backbone.resolve_attn_backend(rx.device, attention_compute_dtype(rx))
             for blk in self.relation_blocks:
                 rx = blk(rx, backend)
             rel_parts.append(self.backbone.norm(rx[:, 0]))

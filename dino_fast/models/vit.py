@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from .attention import Attention, check_attn_backend, resolve_attn_backend
+from .attention import Attention, attention_compute_dtype, check_attn_backend, resolve_attn_backend
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
@@ -99,9 +99,23 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
 
 
+class LayerScale(nn.Module):
+    """Per-channel scale of a residual branch (DINOv2, after CaiT): ``x * gamma``, ``gamma [dim]``
+    initialised to ``init_values`` (DINOv2: 1e-5). State dict: ``gamma`` (DINOv2's key)."""
+
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., dim]`` -> ``x * gamma``, same shape and dtype rules as a multiply."""
+        return x * self.gamma
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``, each
-    residual branch through drop-path."""
+    residual branch through drop-path (and, with ``layerscale_init > 0``, a :class:`LayerScale`
+    ``ls1`` / ``ls2`` before it, as DINOv2's blocks; 0: none, the official DINO block and keys)."""
 
     def __init__(
         self,
@@ -116,13 +130,19 @@ class Block(nn.Module):
         act_layer: Callable[[], nn.Module] = nn.GELU,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         attn_backend: str = "auto",
+        layerscale_init: float = 0.0,
     ) -> None:
         super().__init__()
+        if not (isinstance(layerscale_init, (int, float)) and not isinstance(layerscale_init, bool)
+                and math.isfinite(layerscale_init) and layerscale_init >= 0):
+            raise ValueError(f"layerscale_init must be a finite float >= 0 (0: no LayerScale), got {layerscale_init!r}")
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias, qk_scale, attn_drop, drop, attn_backend)
+        self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init > 0 else nn.Identity()
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=drop)
+        self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init > 0 else nn.Identity()
 
     def forward(
         self, x: torch.Tensor, backend: str | None = None, return_attention: bool = False
@@ -135,17 +155,17 @@ class Block(nn.Module):
         if return_attention:
             _, attn = self.attn(self.norm1(x), return_attention=True)
             return attn
-        x = x + self.drop_path(self.attn(self.norm1(x), backend=backend))
-        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x), backend=backend)))
+        x = x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
         return x
 
     def forward_packed(self, x: torch.Tensor, seqlens: Sequence[int], backend: str) -> torch.Tensor:
         """The block over sequences packed along tokens: ``x [1, T, C]`` -> ``[1, T, C]``; attention
         stays within each sequence and drop-path drops whole sequences."""
         p = self.drop_path.drop_prob if isinstance(self.drop_path, DropPath) else 0.0
-        y = self.attn.forward_packed(self.norm1(x), seqlens, backend=backend)
+        y = self.ls1(self.attn.forward_packed(self.norm1(x), seqlens, backend=backend))
         x = x + drop_path_packed(y, seqlens, p, self.training)
-        x = x + drop_path_packed(self.mlp(self.norm2(x)), seqlens, p, self.training)
+        x = x + drop_path_packed(self.ls2(self.mlp(self.norm2(x))), seqlens, p, self.training)
         return x
 
 
@@ -189,6 +209,9 @@ class VisionTransformer(nn.Module):
         mask_token: add a learnt ``mask_token`` ``[1, embed_dim]`` (zero-initialised, as DINOv2)
             that replaces masked patch tokens in :meth:`forward_features`. Off by default, so the
             state dict keeps the official DINO keys (official weights load strict).
+        layerscale_init: DINOv2's LayerScale on both residual branches of every block, ``gamma``
+            initialised to this (DINOv2: 1e-5; keys ``blocks.{i}.ls1.gamma`` / ``ls2.gamma``); 0 (default):
+            none, the official DINO architecture and state dict.
 
     Attributes: ``embed_dim`` (= ``num_features``), ``patch_size``, ``num_heads``, ``depth``.
     """
@@ -210,6 +233,7 @@ class VisionTransformer(nn.Module):
         norm_layer: Callable[[int], nn.Module] | None = None,
         attn_backend: str = "auto",
         mask_token: bool = False,
+        layerscale_init: float = 0.0,
     ) -> None:
         super().__init__()
         img_size = _as_img_size(img_size)
@@ -239,7 +263,7 @@ class VisionTransformer(nn.Module):
         dpr = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth decay rule
         self.blocks = nn.ModuleList(
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[i],
-                  norm_layer=norm_layer, attn_backend=attn_backend)
+                  norm_layer=norm_layer, attn_backend=attn_backend, layerscale_init=layerscale_init)
             for i in range(depth)
         )
         self.norm = norm_layer(embed_dim)
@@ -276,10 +300,11 @@ class VisionTransformer(nn.Module):
             blk.attn.attn_backend = name
             blk.attn._auto_log.clear()
 
-    def resolve_attn_backend(self, device: torch.device | str) -> str:
-        """The concrete attention backend the blocks use for inputs on ``device`` (``"auto"``
-        logs its choice once per model and device type)."""
-        return resolve_attn_backend(self.attn_backend, device, log_state=self._auto_log)
+    def resolve_attn_backend(self, device: torch.device | str, dtype: torch.dtype | None = None) -> str:
+        """The concrete attention backend the blocks use for inputs on ``device`` computing in
+        ``dtype`` (:func:`~dino_fast.models.attention.attention_compute_dtype`; ``"auto"`` logs its
+        choice once per model, device type and dtype)."""
+        return resolve_attn_backend(self.attn_backend, device, dtype=dtype, log_state=self._auto_log)
 
     def compile_blocks(self, **compile_kwargs: Any) -> None:
         """``torch.compile`` each block in place (``nn.Module.compile``): state-dict keys stay the
@@ -364,7 +389,7 @@ class VisionTransformer(nn.Module):
 
         N = (H/P)*(W/P). Same keys as DINOv2's ``forward_features``.
         """
-        backend = self.resolve_attn_backend(x.device)
+        backend = self.resolve_attn_backend(x.device, attention_compute_dtype(x))
         x = self.prepare_tokens(x, masks)
         for blk in self.blocks:
             x = blk(x, backend)
@@ -374,7 +399,7 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` float -> CLS features after the final norm ``[B, embed_dim]``."""
-        backend = self.resolve_attn_backend(x.device)
+        backend = self.resolve_attn_backend(x.device, attention_compute_dtype(x))
         x = self.prepare_tokens(x)
         for blk in self.blocks:
             x = blk(x, backend)
@@ -396,7 +421,7 @@ class VisionTransformer(nn.Module):
         if len(xs) == 0:
             raise ValueError("forward_packed needs at least one image batch, got none")
         if backend is None:
-            backend = self.resolve_attn_backend(xs[0].device)
+            backend = self.resolve_attn_backend(xs[0].device, attention_compute_dtype(xs[0]))
         tokens, seqlens = [], []
         for x in xs:
             t = self.prepare_tokens(x)  # [B_g, N_g, D]
@@ -414,7 +439,7 @@ class VisionTransformer(nn.Module):
     def get_last_selfattention(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax attention weights of the last block ``[B, num_heads, N, N]`` (math path for that
         block, the configured backend for the others); ``N = 1 + (H/P)*(W/P)``."""
-        backend = self.resolve_attn_backend(x.device)
+        backend = self.resolve_attn_backend(x.device, attention_compute_dtype(x))
         x = self.prepare_tokens(x)
         for blk in self.blocks[:-1]:
             x = blk(x, backend)
@@ -424,7 +449,7 @@ class VisionTransformer(nn.Module):
         """Normalised tokens of the ``n`` last blocks, each ``[B, N, embed_dim]`` (official)."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        backend = self.resolve_attn_backend(x.device)
+        backend = self.resolve_attn_backend(x.device, attention_compute_dtype(x))
         x = self.prepare_tokens(x)
         output = []
         for i, blk in enumerate(self.blocks):
@@ -472,6 +497,6 @@ def vit_base(patch_size: int = 16, *, img_size: int = 224, drop_path_rate: float
 def vit_large(patch_size: int = 16, *, img_size: int = 224, drop_path_rate: float = 0.0,
               attn_backend: str = "auto", **kw: Any) -> VisionTransformer:
     """ViT-Large (DINOv2's ViT-L/14 and ViT-L/16): embed 1024, depth 24, 16 heads, MLP ratio 4
-    (the plain MLP block: no LayerScale and no SwiGLU, which DINOv2's ViT-L/14 recipe adds)."""
+    (the plain MLP block, not the SwiGLU of DINOv2's larger models; DINOv2's LayerScale: ``layerscale_init=1e-5``)."""
     kw.setdefault("depth", 24)
     return _vit(1024, 16, patch_size, img_size, drop_path_rate, attn_backend, kw)

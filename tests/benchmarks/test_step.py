@@ -75,7 +75,14 @@ def test_reference_clip_matches_float64() -> None:
 
 
 def test_bench_setup_quick_row() -> None:
-    row = bstep.bench_setup(TINY, rounds=2, warmup=1, optimizer_repeats=1)
+    peaks = {"float32": 1e11, "bfloat16": 2e11}
+    row = bstep.bench_setup(TINY, rounds=2, warmup=1, optimizer_repeats=1, compiled_reference=False, peaks=peaks)
+    # FLOPs per step: counted once, the achieved rate per side is flops / median total
+    assert row["flops_per_step"] > 0 and row["peak_flops_dtype"] == "float32"
+    for side in ("reference", "ours", "trainer"):
+        rate = row["achieved"][side]["flops_per_s"]
+        assert rate == pytest.approx(row["flops_per_step"] / row[side]["total"])
+        assert row["achieved"][side]["of_peak"] == pytest.approx(rate / 1e11)
     assert row["loss_rel_diff_first_step"] < 1e-5
     for side in ("reference", "ours"):
         assert row[side]["total"] == pytest.approx(sum(row[side][p] for p in bstep.PHASES), rel=1e-9)
@@ -88,6 +95,25 @@ def test_bench_setup_quick_row() -> None:
     assert row["loss_rel_diff_first_step_trainer"] < 1e-5
     assert row["trainer"]["total"] > 0 and row["images_per_s_trainer"] == pytest.approx(TINY.batch / row["trainer"]["total"])
     assert min(row["trainer_speedup_min_max"]) <= row["trainer_speedup"] <= max(row["trainer_speedup_min_max"])
+
+
+def test_count_flops_and_peak() -> None:
+    """count_flops counts a known matmul chain (forward and backward); the measured peak is a
+    positive rate per dtype."""
+    a = torch.randn(64, 32, requires_grad=True)
+    b = torch.randn(32, 16)
+    assert bstep.count_flops(lambda: (a @ b).sum().backward()) == 2 * 64 * 32 * 16 * 2  # fwd + grad of a
+    peaks = bstep.peak_matmul_flops("cpu", n=128, repeats=1)
+    assert set(peaks) == {"float32", "bfloat16"} and all(v > 0 for v in peaks.values())
+
+
+@pytest.mark.slow
+def test_compiled_reference_side_computes_the_same_step() -> None:
+    """The official step under torch.compile (the row a user would pick instead) gives the eager
+    reference's first loss."""
+    row = bstep.bench_setup(TINY, rounds=1, warmup=1, optimizer_repeats=1, compiled_reference=True)
+    assert row["first_loss_reference_compiled"] == pytest.approx(row["first_loss_reference"], rel=1e-5)
+    assert row["reference_compiled"]["total"] > 0 and row["trainer_speedup_vs_compiled_reference"] > 0
 
 
 def test_trainer_side_is_the_trainers_step(monkeypatch, tmp_path) -> None:

@@ -188,6 +188,17 @@ def test_replay_resume_and_worker_independence(folder: Path) -> None:
     b.set_epoch(4)
     other = _collect(b)
     assert not all(torch.equal(x[3], y[3]) for x, y in zip(first, other))  # different boxes
+    # the workers persist across epochs: an epoch abandoned after one batch (its prefetched
+    # batches in flight) does not leak into the next one, which yields exactly its own batches
+    b.set_epoch(4)
+    partial = iter(b)
+    next(partial)
+    b.set_epoch(3)
+    after = _collect(b)
+    assert len(after) == len(first)
+    for x, y in zip(first, after):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+    assert b._backend._dl is not None and b._backend._dl.persistent_workers
     assert not np.array_equal(epoch_order(27, cfg.seed, 3), epoch_order(27, cfg.seed, 4))
     # the same image in two epochs gets different boxes
     e3 = {int(i): x[3][k] for x, bi in zip(first, a.batch_indices(3)) for k, i in enumerate(bi)}

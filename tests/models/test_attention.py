@@ -124,6 +124,39 @@ def test_auto_picks_sdpa_on_cpu_and_logs_once(caplog: pytest.LogCaptureFixture) 
     assert model.resolve_attn_backend(torch.device("cpu")) == "sdpa"
 
 
+def test_auto_picks_math_for_half_precision_on_cpu(caplog: pytest.LogCaptureFixture) -> None:
+    """bf16/fp16 attention on CPU (inputs or autocast) resolves to the explicit softmax, fp32 to
+    SDPA; the outputs under bf16 autocast match an explicit-math model within bf16 rounding, and
+    the choice is logged once per dtype."""
+    from dino_fast.models.attention import attention_compute_dtype
+
+    assert resolve_attn_backend("auto", "cpu", dtype=torch.bfloat16) == "math"
+    assert resolve_attn_backend("auto", "cpu", dtype=torch.float16) == "math"
+    assert resolve_attn_backend("auto", "cpu", dtype=torch.float32) == "sdpa"
+    assert resolve_attn_backend("sdpa", "cpu", dtype=torch.bfloat16) == "sdpa"  # explicit: honoured
+    x = torch.randn(2, 3, 32, 32)
+    assert attention_compute_dtype(x) == torch.float32
+    assert attention_compute_dtype(x.bfloat16()) == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attention_compute_dtype(x) == torch.bfloat16
+    assert attention_compute_dtype(torch.zeros(2, dtype=torch.int64)) == torch.int64
+    torch.manual_seed(0)
+    model = vit_tiny(16, depth=2)
+    ref = vit_tiny(16, depth=2, attn_backend="math")
+    ref.load_state_dict(model.state_dict())
+    with caplog.at_level(logging.INFO, logger="dino_fast.models.attention"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+            model(x)
+            expected = ref(x)
+        model(x)
+    msgs = [r.getMessage() for r in caplog.records if "attn_backend='auto'" in r.getMessage()]
+    assert len(msgs) == 2, msgs
+    assert "'math'" in msgs[0] and "cpu/bfloat16" in msgs[0]
+    assert "'sdpa'" in msgs[1]
+    torch.testing.assert_close(out.float(), expected.float(), rtol=0, atol=0)
+
+
 def test_auto_picks_xformers_on_cuda_when_installed(monkeypatch: pytest.MonkeyPatch,
                                                     caplog: pytest.LogCaptureFixture) -> None:
     _fake_xformers(monkeypatch, True)

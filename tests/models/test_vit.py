@@ -271,3 +271,47 @@ def test_head_rejects_bad_inputs() -> None:
     with pytest.raises(ValueError, match="out_dim must be a positive int"):
         DINOHead(16, 0)
     assert math.isfinite(head(torch.zeros(2, 16)).sum().item())  # zero features: normalize's eps, no NaN
+
+
+def test_layerscale_blocks_match_the_formula_and_keys() -> None:
+    """layerscale_init > 0: every block is x + ls1(attn(norm1 x)), then + ls2(mlp(norm2 x)), with
+    gamma initialised to the value (DINOv2's keys ls1.gamma / ls2.gamma); 0: the official blocks."""
+    from dino_fast.models import vit_tiny
+
+    torch.manual_seed(0)
+    plain = vit_tiny(16, depth=2)
+    ls = vit_tiny(16, depth=2, layerscale_init=0.25)
+    assert not any(".ls" in k for k in plain.state_dict())
+    extra = set(ls.state_dict()) - set(plain.state_dict())
+    assert extra == {f"blocks.{i}.ls{j}.gamma" for i in range(2) for j in (1, 2)}
+    assert all(torch.equal(ls.state_dict()[k], torch.full((192,), 0.25)) for k in extra)
+    ls.load_state_dict({**plain.state_dict(), **{k: ls.state_dict()[k] for k in extra}}, strict=True)
+    blk = ls.blocks[0].eval()
+    x = torch.randn(2, 5, 192)
+    with torch.no_grad():
+        y = x + 0.25 * blk.attn(blk.norm1(x))
+        want = y + 0.25 * blk.mlp(blk.norm2(y))
+        torch.testing.assert_close(blk(x), want)
+        img = torch.randn(1, 3, 32, 32)
+        # gamma = 1 is the plain block
+        one = vit_tiny(16, depth=2, layerscale_init=1.0)
+        one.load_state_dict({**plain.state_dict(), **{k: torch.ones(192) for k in extra}})
+        torch.testing.assert_close(one.eval()(img), plain.eval()(img))
+    (ls(torch.randn(2, 3, 32, 32)).sum()).backward()
+    assert all(ls.state_dict(keep_vars=True)[k].grad is not None for k in extra)
+    for bad in (-1e-5, float("nan"), True):
+        with pytest.raises(ValueError, match="layerscale_init"):
+            vit_tiny(16, depth=1, layerscale_init=bad)
+
+
+def test_layerscale_config_key() -> None:
+    from dino_fast.config import ConfigError, load_config
+    from dino_fast.methods.base import build_backbone
+
+    cfg = load_config(None, ["model.arch=vit_tiny", "model.depth=1", "model.layerscale_init=1.0e-5"])
+    net = build_backbone(cfg, teacher=False)
+    assert float(net.blocks[0].ls1.gamma[0]) == pytest.approx(1e-5)
+    assert not hasattr(build_backbone(load_config(None, ["model.arch=vit_tiny", "model.depth=1"]), teacher=True)
+                       .blocks[0].ls1, "gamma")
+    with pytest.raises(ConfigError, match="model.layerscale_init"):
+        load_config(None, ["model.layerscale_init=-1.0"])

@@ -614,3 +614,34 @@ def test_update_walks_the_modules_only_after_a_registration(monkeypatch):
     assert torch.equal(teacher[0].weight, student[0].weight)
     ema.update(0.5)  # walked once, then back to address checks
     assert len(walks) == 2
+
+
+def test_registration_hook_does_not_recompile_users_compiled_modules() -> None:
+    """TeacherEMA's process-wide registration counter must not become a torch.compile guard: a
+    compiled module that reassigns a buffer on every call (the official DINOLoss's center update)
+    compiles once, and the counter still sees the (eagerly replayed) registrations."""
+    import torch._dynamo
+
+    from dino_fast.ops.ema import teacher as teacher_mod
+
+    class CenterLike(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("center", torch.zeros(1, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = (x - self.center).sum()
+            self.center = self.center * 0.9 + 0.1 * x.mean(0, keepdim=True)
+            return out
+
+    torch._dynamo.reset()
+    m = CenterLike()
+    compiled = torch.compile(m, backend="eager")
+    before = teacher_mod._REGISTRATIONS[0]
+    torch._dynamo.utils.counters.clear()
+    for _ in range(12):
+        compiled(torch.randn(4, 8))
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert frames <= 2, f"{frames} graphs: the registration counter became a guard"
+    assert teacher_mod._REGISTRATIONS[0] >= before + 12  # every call's buffer reassignment was counted
+    torch._dynamo.reset()

@@ -260,7 +260,11 @@ def ema_update_(
 _REGISTRATIONS = [0]
 
 
+@torch.compiler.disable
 def _count_registration(*_: object) -> None:
+    # Never traced by torch.compile (a graph break runs it eagerly): traced, dynamo would guard on
+    # the counter's value, and a compiled module that re-registers a buffer on every call (the
+    # official DINOLoss's `self.center = ...`) would recompile on every call, up to the limit.
     _REGISTRATIONS[0] += 1
 
 

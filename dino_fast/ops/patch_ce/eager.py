@@ -33,9 +33,14 @@ def _chunk_rows(rows: int, K: int) -> int:
 
 def patch_ce_forward_torch(
     S: Tensor, T: Tensor, c: Tensor, w: Tensor, tau_s: float, tau_t: float, *, with_colsum: bool = True,
-    workspace: Optional[Workspace] = None,
+    workspace: Optional[Workspace] = None, native: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Eager forward with the gradient computed in the same pass.
+
+    ``native``: None (default) runs the native C++ kernel
+    (:func:`~dino_fast.ops.patch_ce.native.patch_ce_forward_native`, same contract) when it
+    takes the tensors (CPU, fp32/bf16/fp16) and its library loads, else the torch composition
+    below; False forces the composition; True requires the native kernel (``RuntimeError``).
 
     Args:
         S, T: (rows, K) student and teacher logits (fp32/bf16/fp16/fp64), unit column stride.
@@ -48,6 +53,17 @@ def patch_ce_forward_torch(
         row (rows,), all fp32 (fp64 for fp64 inputs), and G = dLoss/dS (rows, K) in S's dtype for
         an upstream gradient of 1.
     """
+    if native is not False:
+        from dino_fast.ops.patch_ce.native import patch_ce_forward_native
+        from dino_fast.ops.soft_ce.native import native_supported
+
+        if native_supported(S, T):
+            return patch_ce_forward_native(S, T, c, w, tau_s, tau_t, with_colsum=with_colsum, workspace=workspace)
+        if native:
+            from dino_fast.ops.native import native_status
+
+            raise RuntimeError(f"native=True but the native kernel cannot take these tensors ({S.device}, "
+                               f"{S.dtype}/{T.dtype}) or is unavailable: {native_status()[1] or 'unsupported tensors'}")
     rows, K = S.shape
     dt = torch.float64 if torch.float64 in (S.dtype, T.dtype) else torch.float32
     dev = S.device

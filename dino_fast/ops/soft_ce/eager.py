@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from dino_fast.ops.soft_ce.checks import math_dtype
+from dino_fast.ops.soft_ce.workspace import Workspace
 
 __all__ = ["Workspace", "CPU_GROUP_BYTES", "soft_ce_forward_torch"]
 
@@ -27,44 +28,6 @@ CPU_GROUP_BYTES = 4 << 20
 _SUBNORMAL_FLOOR = True
 
 
-def _storage_use_count(st: torch.UntypedStorage) -> int:
-    """References to a storage (tensors and storage objects); 2**31 when torch cannot say."""
-    fn = getattr(torch._C, "_storage_Use_Count", None)
-    return int(fn(st._cdata)) if fn is not None else 2**31
-
-
-class Workspace:
-    """Buffers of the eager fast path recycled between calls (CPU only; CUDA has its own cache).
-
-    A fresh (ncrops*B, K) gradient costs page faults on its first write (about 25 ms for 84 MB
-    on the benchmark machine, as much as the loss's arithmetic). A workspace keeps the storage
-    of the last gradient it handed out and hands it out again only when no tensor refers to it
-    any more (storage use count 1: just the workspace), so a gradient still held by the caller
-    (e.g. a leaf's ``.grad``) is never overwritten. :class:`DINOLoss` owns one.
-    """
-
-    def __init__(self, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self._storages: dict[str, torch.UntypedStorage] = {}
-
-    def get(self, name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A contiguous tensor of ``shape``/``dtype`` on ``device`` (uninitialised)."""
-        if not self.enabled or device.type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=device)
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        st = self._storages.get(name)
-        if st is not None and st.nbytes() == nbytes and _storage_use_count(st) == 1:
-            return torch.empty((0,), dtype=dtype, device=device).set_(st, 0, tuple(shape))
-        t = torch.empty(shape, dtype=dtype, device=device)
-        self._storages[name] = t.untyped_storage()
-        return t
-
-    def clear(self) -> None:
-        """Drop every cached buffer."""
-        self._storages.clear()
-
-
-
 def _group_images(B: int, K: int) -> int:
     """Images per chunk of the eager fast path: one (images, K) fp32 buffer of ~CPU_GROUP_BYTES."""
     return max(1, min(B, CPU_GROUP_BYTES // (4 * K)))
@@ -73,9 +36,14 @@ def _group_images(B: int, K: int) -> int:
 def soft_ce_forward_torch(
     S: Tensor, T: Tensor, c: Tensor, ncrops: int, n_teacher: int, tau_s: float, tau_t: float,
     out: Optional[Tensor] = None, workspace: Optional["Workspace"] = None,
-    crop_weights: Optional[Sequence[float]] = None,
+    crop_weights: Optional[Sequence[float]] = None, native: Optional[bool] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Eager fast-path forward with the gradient computed in the same pass.
+
+    ``native``: None (default) runs the native C++ kernel
+    (:func:`~dino_fast.ops.soft_ce.native.soft_ce_forward_native`, same contract) when it takes
+    the tensors (CPU, fp32/bf16/fp16) and its library loads, else the torch composition below;
+    False forces the composition; True requires the native kernel (``RuntimeError`` otherwise).
 
     Args: S (ncrops*B, K) and T (n_teacher*B, K) with unit column stride, c (K,), ``out`` an
     optional (ncrops*B, K) tensor of S's dtype to receive the gradient (may be S itself),
@@ -95,6 +63,18 @@ def soft_ce_forward_torch(
     teacher sum is pre-scaled for the weight ``w_ref`` of the last crop (a local crop in Mugs), so
     only crops of another weight pay one extra in-place multiply of their gradient rows.
     """
+    if native is not False:
+        from dino_fast.ops.soft_ce.native import native_supported, soft_ce_forward_native
+
+        tensors = (S, T) if out is None else (S, T, out)
+        if native_supported(*tensors):
+            return soft_ce_forward_native(S, T, c, ncrops, n_teacher, tau_s, tau_t, out=out, workspace=workspace,
+                                          crop_weights=crop_weights)
+        if native:
+            from dino_fast.ops.native import native_status
+
+            raise RuntimeError(f"native=True but the native kernel cannot take these tensors ({S.device}, "
+                               f"{S.dtype}/{T.dtype}) or is unavailable: {native_status()[1] or 'unsupported tensors'}")
     rows_s, K = S.shape
     B = rows_s // ncrops
     NT = n_teacher

@@ -222,9 +222,12 @@ def dino_loss_with_colsum(
         S = S.contiguous()
     if T.stride(-1) != 1:
         T = T.contiguous()
-    # a private copy (K floats): the caller's center is updated in place after the forward, and
-    # the Triton backward needs the value the forward used
-    c = c.to(torch.float64 if c.dtype == torch.float64 and impl == "torch" else torch.float32, copy=True).contiguous()
+    # Triton: a private copy (K floats): the caller's center is updated in place after the
+    # forward, and the Triton backward needs the value the forward used. The CPU paths read the
+    # center in the forward only (their gradient is computed there): no copy, whose fresh pages
+    # would cost more than the copy
+    c = c.to(torch.float64 if c.dtype == torch.float64 and impl == "torch" else torch.float32,
+             copy=impl == "triton").contiguous()
     if torch.compiler.is_compiling():
         if inplace_grad:
             raise ValueError("inplace_grad=True is eager-only; it cannot be traced by torch.compile")
