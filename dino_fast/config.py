@@ -100,6 +100,9 @@ class OptimConfig:
     momentum_teacher: float = 0.996
     momentum_teacher_end: float = 1.0  # the cosine schedule's final value (official: 1.0)
     ema_backend: str = "auto"
+    # lr multiplier of the backbone's patch embedding (the student's patch_embed parameters, in
+    # param groups of their own): 1.0 = the official DINO; the official Mugs and DINOv2 recipes use 0.2
+    patch_embed_lr_mult: float = 1.0
 
 
 @dataclass
@@ -292,6 +295,10 @@ class TrainConfig:
             raise ConfigError(f"optim.momentum_teacher_end must be in [0, 1], got {self.optim.momentum_teacher_end}")
         if not 0 <= self.loss.center_momentum <= 1:
             raise ConfigError(f"loss.center_momentum must be in [0, 1], got {self.loss.center_momentum}")
+        mult = self.optim.patch_embed_lr_mult
+        if not (math.isfinite(mult) and mult >= 0):
+            raise ConfigError(f"optim.patch_embed_lr_mult must be a finite number >= 0 (1.0: the official DINO, "
+                              f"0.2: the official Mugs and DINOv2; 0 freezes the patch embedding), got {mult!r}")
         if not (math.isfinite(self.loss.koleo_weight) and self.loss.koleo_weight >= 0):
             raise ConfigError(f"loss.koleo_weight must be a finite number >= 0, got {self.loss.koleo_weight}")
         _validate_dinov2(self)

@@ -126,13 +126,16 @@ class DINOLoss(nn.Module):
 
         The fused op reads ``log Q`` (:func:`~dino_fast.losses.sinkhorn.sinkhorn_knopp_log_targets`
         of the detached ``teacher_output`` at this epoch's temperature) as teacher logits at
-        temperature 1 with a zero center, so its teacher softmax returns Q (rows sum to 1).
+        temperature 1 with a zero center, so its teacher softmax returns Q (rows sum to 1). The
+        pairs are weighted as in :meth:`forward` (``crop_weights``: Mugs' group loss; None: the
+        official uniform ``1/n_terms``).
         student_output: (ncrops*B, out_dim) crop-major; teacher_output: (n_teacher*B, out_dim).
         """
         logq = sinkhorn_knopp_log_targets(teacher_output.detach(), self.teacher_temp_at(epoch))
         zero = torch.zeros(logq.shape[1], dtype=torch.float32, device=logq.device)
         return dino_loss(student_output, logq, zero, ncrops=self.ncrops, student_temp=self.student_temp,
-                         teacher_temp=1.0, backend=self.backend, n_teacher=self.n_teacher)
+                         teacher_temp=1.0, backend=self.backend, n_teacher=self.n_teacher,
+                         crop_weights=self.crop_weights)
 
     @torch.no_grad()
     def flush_center(self) -> None:

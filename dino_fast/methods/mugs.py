@@ -13,10 +13,18 @@ over the local pairs)`` of the (teacher t, student s != t) pairs:
   predictions against the teacher's instance keys, tau ``mugs.temperature``;
 - ``local_group``: the same on the relation-block tokens, with its own queue;
 - ``group``: DINO's centered, sharpened soft cross-entropy (:class:`~dino_fast.losses.DINOLoss`,
-  the fused op with per-crop pair weights), temperatures and center from ``loss.*``.
+  the fused op with per-crop pair weights), temperatures and center from ``loss.*``;
+  ``loss.centering: sinkhorn_knopp`` replaces the centered teacher softmax by DINOv2's
+  Sinkhorn-Knopp targets over the teacher's group logits (the same pair weights; the center then
+  stays unused), as the DINO method does;
+- ``koleo`` (not in Mugs; only with ``loss.koleo_weight > 0``): DINOv2's KoLeo term on the
+  student's global-crop CLS features, one term per student global crop, per rank, as the DINO
+  method adds it.
 
-Terms are logged unweighted; their trainer weights are the official combination (the enabled
-losses added and divided by the sum of their weights, :func:`dino_fast.losses.mugs.mugs_loss_scales`).
+Terms are logged unweighted; the three Mugs terms' trainer weights are the official combination
+(the enabled losses added and divided by the sum of their weights,
+:func:`dino_fast.losses.mugs.mugs_loss_scales`); KoLeo is added on top with weight
+``loss.koleo_weight`` (DINOv2's ``total + koleo_weight x KoLeo``).
 After the losses, every queue gets this step's teacher keys (all-gathered: crop 0 then crop 1), the
 teacher memory the teacher's first crop's mean patch tokens and the student memory the student's
 first global crop's (only for images whose student crops were weakly augmented: with
@@ -37,6 +45,7 @@ from torch import Tensor, nn
 from dino_fast.config import TrainConfig
 from dino_fast.losses.dino import DINOLoss
 from dino_fast.losses.infonce import QueueInfoNCE
+from dino_fast.losses.koleo import koleo_loss
 from dino_fast.losses.mugs import mugs_crop_weights, mugs_loss_scales
 from dino_fast.methods.base import LossTerm, Method, StepOutput, build_backbone
 from dino_fast.methods.registry import register_method
@@ -96,6 +105,9 @@ class Mugs(Method):
             center_momentum=cfg.loss.center_momentum, backend=cfg.loss.backend, n_teacher=self.n_teacher,
             async_center=cfg.loss.async_center, crop_weights=weights,
         )
+        self.centering = cfg.loss.centering
+        self.koleo_weight = float(cfg.loss.koleo_weight)
+        self._last_teacher_features: Optional[Tensor] = None
         self.student_memory = MugsMemory(m.memory_size, dim, m.topk, faithful_pointer=m.faithful_pointer)
         self.teacher_memory = MugsMemory(m.memory_size, dim, m.topk, faithful_pointer=m.faithful_pointer)
         self._weak: Optional[Tensor] = None
@@ -147,8 +159,16 @@ class Mugs(Method):
         if self.loss_scales["local_group"] > 0:
             terms["local_group"] = LossTerm(self.local_group_loss(s["local_group"], t["local_group"]),
                                             self.loss_scales["local_group"])
-        if self.loss_scales["group"] > 0:  # the center update follows the loss inside DINOLoss
-            terms["group"] = LossTerm(self.group_loss(s["group"], t["group"], epoch), self.loss_scales["group"])
+        if self.loss_scales["group"] > 0:
+            if self.centering == "sinkhorn_knopp":  # SK targets, the Mugs pair weights, no center
+                group = self.group_loss.sinkhorn_forward(s["group"], t["group"], epoch)
+            else:  # the center update follows the loss inside DINOLoss
+                group = self.group_loss(s["group"], t["group"], epoch)
+            terms["group"] = LossTerm(group, self.loss_scales["group"])
+        if self.koleo_weight > 0:  # DINOv2: one KoLeo term per (student) global crop, backbone CLS features
+            koleo = sum(koleo_loss(f) for f in s["cls"][: ng * B].chunk(ng))
+            terms["koleo"] = LossTerm(koleo, self.koleo_weight)
+        self._last_teacher_features = t["cls"]
         self._write_state(t, s, B, weak)
         outputs = {"student_group": (s["group"], B), "teacher_group": (t["group"], B),
                    "student_instance": (s["instance"], B), "student_local_group": (s["local_group"], B)}
@@ -167,11 +187,16 @@ class Mugs(Method):
         self.teacher_memory.write(all_gather_rows(t["mean_patch"]))
 
     def collapse_inputs(self, out: StepOutput, epoch: int) -> Optional[dict[str, Any]]:
-        """The group head's teacher and student logits, its center and temperatures."""
-        return {"teacher_logits": out.outputs["teacher_group"][0].detach(),
+        """The group head's teacher and student logits, its center (zero, unused, with
+        Sinkhorn-Knopp targets) and temperatures, and the teacher's backbone CLS features
+        (``[n_teacher*B, D]``, for the feature-collapse checks)."""
+        out_ = {"teacher_logits": out.outputs["teacher_group"][0].detach(),
                 "student_logits": out.outputs["student_group"][0].detach(),
                 "center": self.group_loss.center, "teacher_temp": self.group_loss.teacher_temp_at(epoch),
                 "student_temp": self.group_loss.student_temp}
+        if self._last_teacher_features is not None:
+            out_["features"] = self._last_teacher_features.detach()
+        return out_
 
     def scalars(self, epoch: int, it: int) -> dict[str, float]:
         """The group loss's teacher temperature of ``epoch``."""

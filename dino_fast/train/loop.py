@@ -212,7 +212,9 @@ class Trainer:
         # optimisation
         self.global_batch = cfg.data.batch_size_per_gpu * self.dist.world_size
         self.base_lr = cfg.optim.lr * self.global_batch / 256.0
-        self.optimizer = build_adamw(self.method.student)
+        self.optimizer = build_adamw(self.method.student, cfg.optim.patch_embed_lr_mult)
+        # each group's name, lr multiplier and decay rule, from this config (restored after a resume)
+        self._group_meta = [{k: g[k] for k in ("name", "lr_mult", "scheduled_wd")} for g in self.optimizer.param_groups]
         n = self.niter_per_epoch
         e = cfg.train.epochs
         if cfg.train.iterations > 0:
@@ -342,7 +344,16 @@ class Trainer:
         self.method.student.load_state_dict(ck["student"])
         self.method.teacher.load_state_dict(ck["teacher"])
         self.method.load_method_state_dict(method_state)
+        saved = [g.get("name") for g in ck["optimizer"]["param_groups"]]
+        here = [m["name"] for m in self._group_meta]
+        if saved != here:
+            raise ckpt_mod.CheckpointError(
+                f"{path} has optimizer param groups {saved}, this run builds {here} (optim.patch_embed_lr_mult="
+                f"{self.cfg.optim.patch_embed_lr_mult}: a value != 1 puts the patch embedding in groups of its own); "
+                f"resume with the optim.patch_embed_lr_mult the checkpoint was written with")
         self.optimizer.load_state_dict(ck["optimizer"])
+        for g, meta in zip(self.optimizer.param_groups, self._group_meta):
+            g.update(meta)  # this config's multipliers (checkpoints before them hold none)
         self.scaler.load_state_dict(ck["scaler"])
         self.start_epoch, self.start_batch = int(ck["epoch"]), int(ck["batch"])
         self.iteration = int(ck["iteration"])
@@ -426,10 +437,11 @@ class Trainer:
                 every rank at the same iteration.
         """
         cfg = self.cfg
-        for i, group in enumerate(self.optimizer.param_groups):
-            group["lr"] = float(self.lr_schedule[it])
-            if i == 0:  # only the regularized group gets weight decay
-                group["weight_decay"] = float(self.wd_schedule[it])
+        lr, wd = float(self.lr_schedule[it]), float(self.wd_schedule[it])
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]  # 1.0, or optim.patch_embed_lr_mult for the patch embedding
+            if group["scheduled_wd"]:  # only the regularized groups get weight decay
+                group["weight_decay"] = wd
         self.method.set_batch_info(BatchInfo(  # per-sample randomness of the method (DINOv2's masks)
             seed=cfg.train.seed, epoch=epoch, batch=it - epoch * self.niter_per_epoch, sample_ids=sample_ids,
             rank=self.dist.rank, world_size=self.dist.world_size))

@@ -1,7 +1,8 @@
 """Optimizer set-up and the official gradient manipulations.
 
 - :func:`param_groups`: weight decay on every parameter except biases and 1-D tensors (norms,
-  tokens are not 1-D but ``cls_token``/``pos_embed`` *are* regularised in the official code).
+  tokens are not 1-D but ``cls_token``/``pos_embed`` *are* regularised in the official code);
+  optionally the patch embedding in groups of its own with an lr multiplier (Mugs, DINOv2: 0.2).
 - :func:`clip_gradients`: the official per-parameter clipping (each gradient tensor rescaled to
   norm <= clip on its own), or a global-norm option.
 - :func:`cancel_gradients_last_layer`: drop the head's last-layer gradients during the first
@@ -9,36 +10,77 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
 from torch import nn
 
+PATCH_EMBED = "patch_embed"  # the module name (a component of the parameter name) the lr multiplier acts on
 
-def param_groups(model: nn.Module) -> list[dict]:
-    """Two AdamW groups: ``regularized`` (weight decay follows the schedule) and
-    ``not_regularized`` (weight_decay 0: names ending in ``.bias`` and 1-D tensors)."""
-    regularized, not_regularized = [], []
+
+def _is_patch_embed(name: str) -> bool:
+    return PATCH_EMBED in name.split(".")
+
+
+def param_groups(model: nn.Module, patch_embed_lr_mult: float = 1.0) -> list[dict]:
+    """AdamW parameter groups of ``model``'s trainable parameters.
+
+    ``regularized`` (weight decay follows the schedule) and ``not_regularized`` (weight_decay 0:
+    names ending in ``.bias`` and 1-D tensors), in that order. With ``patch_embed_lr_mult != 1``
+    the parameters of every ``patch_embed`` module (a component of the parameter name, e.g.
+    ``backbone.patch_embed.proj.weight``) leave those two for ``patch_embed_regularized`` and
+    ``patch_embed_not_regularized`` (same decay rule), as in the official Mugs and DINOv2 code;
+    empty groups are left out. With the default 1.0 the two groups are exactly the official DINO
+    ones.
+
+    Every group carries ``name``, ``lr_mult`` (the trainer sets ``lr = schedule value x lr_mult``
+    every step: 1.0, or ``patch_embed_lr_mult`` for the patch-embedding groups) and
+    ``scheduled_wd`` (True: the trainer sets ``weight_decay`` from the schedule; False: it stays 0).
+
+    Raises:
+        ValueError: ``patch_embed_lr_mult`` is not a finite number >= 0, or it is != 1 and the
+            model has no trainable ``patch_embed`` parameter (the multiplier would act on nothing).
+    """
+    mult = patch_embed_lr_mult
+    if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not (math.isfinite(mult) and mult >= 0):
+        raise ValueError(f"patch_embed_lr_mult must be a finite number >= 0 (1.0: no multiplier), got {mult!r}")
+    split = float(mult) != 1.0
+    lists: dict[str, list[nn.Parameter]] = {"regularized": [], "not_regularized": [],
+                                            "patch_embed_regularized": [], "patch_embed_not_regularized": []}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.endswith(".bias") or p.ndim == 1:
-            not_regularized.append(p)
-        else:
-            regularized.append(p)
-    return [{"params": regularized, "name": "regularized"},
-            {"params": not_regularized, "weight_decay": 0.0, "name": "not_regularized"}]
+        kind = "not_regularized" if name.endswith(".bias") or p.ndim == 1 else "regularized"
+        lists[f"patch_embed_{kind}" if split and _is_patch_embed(name) else kind].append(p)
+    if split and not (lists["patch_embed_regularized"] or lists["patch_embed_not_regularized"]):
+        raise ValueError(f"patch_embed_lr_mult={mult} but {type(model).__name__} has no trainable parameter "
+                         f"of a '{PATCH_EMBED}' module (expected e.g. backbone.patch_embed.proj.weight)")
+    groups = [{"params": lists["regularized"], "name": "regularized", "lr_mult": 1.0, "scheduled_wd": True},
+              {"params": lists["not_regularized"], "weight_decay": 0.0, "name": "not_regularized", "lr_mult": 1.0,
+               "scheduled_wd": False}]
+    if split:
+        for kind, wd in (("regularized", True), ("not_regularized", False)):
+            if lists[f"patch_embed_{kind}"]:
+                g = {"params": lists[f"patch_embed_{kind}"], "name": f"patch_embed_{kind}", "lr_mult": float(mult),
+                     "scheduled_wd": wd}
+                if not wd:
+                    g["weight_decay"] = 0.0
+                groups.append(g)
+    return groups
 
 
-def build_adamw(model: nn.Module) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`, fused where this torch supports it (CPU and CUDA since
-    2.4; measured 2.7-7x faster than the default per-tensor loop on CPU, bench/step.py), else
-    the default implementation. Same update rule either way."""
-    groups = param_groups(model)
+def build_adamw(model: nn.Module, patch_embed_lr_mult: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups` (``patch_embed_lr_mult`` as there), fused where this torch
+    supports it (CPU and CUDA since 2.4; measured 2.7-7x faster than the default per-tensor loop
+    on CPU, bench/step.py), else the default implementation. Same update rule either way. The
+    groups' ``lr`` and ``weight_decay`` are set by the caller (the trainer: from the schedules,
+    times each group's ``lr_mult``)."""
+    groups = param_groups(model, patch_embed_lr_mult)
     try:
         return torch.optim.AdamW(groups, fused=True)
     except (RuntimeError, TypeError, ValueError):
-        return torch.optim.AdamW(param_groups(model))
+        return torch.optim.AdamW(param_groups(model, patch_embed_lr_mult))
 
 
 @torch.no_grad()

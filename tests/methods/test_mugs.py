@@ -8,6 +8,7 @@ import torch
 
 from dino_fast.methods import build_method
 from dino_fast.models.mugs import MugsMemory
+from dino_fast.reference.loss import koleo_loss_reference
 from dino_fast.reference.mugs import (
     group_loss_reference,
     infonce_queue_loss_reference,
@@ -16,6 +17,7 @@ from dino_fast.reference.mugs import (
     mugs_total_reference,
     ring_enqueue_reference,
 )
+from dino_fast.reference.sinkhorn import sinkhorn_knopp_reference
 from tests._train_utils import tiny_config
 
 B = 4
@@ -82,6 +84,41 @@ def test_one_step_equals_the_reference_and_updates_queues_and_memories(method):
         m, p = memory_write_reference(before[f"{name}.memory"], int(before[f"{name}.ptr"]), net["mean_patch"])
         assert torch.allclose(after[f"{name}.memory"], m, atol=1e-6) and int(after[f"{name}.ptr"]) == p
     assert not torch.equal(after["group_loss.center"], before["group_loss.center"])
+
+
+def test_sinkhorn_group_targets_and_koleo(tmp_path):
+    """loss.centering=sinkhorn_knopp: the group term is the Mugs-weighted cross-entropy to DINOv2's
+    Sinkhorn-Knopp targets of the teacher's group logits (float64 reference), and the center is
+    neither read nor written; loss.koleo_weight: a ``koleo`` term, KoLeo of each student global
+    crop's backbone CLS summed, weighted by koleo_weight on top of the normalised Mugs sum."""
+    m = build_method(tiny_config(tmp_path, tmp_path / "o", "method.name=mugs", "loss.centering=sinkhorn_knopp",
+                                 "loss.teacher_temp=0.02", "loss.warmup_teacher_temp=0.02", "loss.koleo_weight=0.1"))
+    crops = _crops()
+    before = {k: v.clone() for k, v in m.method_state_dict().items()}
+    torch.manual_seed(7)
+    out = m.forward_step(crops, 0, 0)
+    assert list(out.terms) == ["instance", "local_group", "group", "koleo"]
+    assert [t.weight for t in out.terms.values()] == [1 / 3, 1 / 3, 1 / 3, 0.1]
+    assert torch.count_nonzero(m.group_loss.center) == 0
+    assert m.collapse_inputs(out, 0)["features"].shape == (2 * B, m.student.backbone.embed_dim)
+    m.load_method_state_dict(before)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        t = m.teacher(crops[:2], m.teacher_memory)
+        s = m.student(crops[2:], m.student_memory)
+    nc = m.ncrops
+    q = sinkhorn_knopp_reference(t["group"].double(), 0.02).chunk(2)
+    logp = torch.log_softmax(s["group"].double() / 0.1, dim=-1).chunk(nc)
+    pairs = {(i, v): -(q[i] * logp[v]).sum(-1).mean() for i in range(2) for v in range(nc) if v != i}
+    large = [x for (i, v), x in pairs.items() if v < 2]
+    small = [x for (i, v), x in pairs.items() if v >= 2]
+    want_group = 0.5 * (sum(large) / len(large) + sum(small) / len(small))
+    assert abs(out.terms["group"].value.item() - want_group.item()) <= 1e-5 * abs(want_group.item())
+    want_koleo = sum(koleo_loss_reference(f) for f in s["cls"].double()[: 2 * B].chunk(2))
+    assert abs(out.terms["koleo"].value.item() - want_koleo.item()) <= 1e-5 * abs(want_koleo.item())
+    v = {k: out.terms[k].value for k in out.terms}
+    total = mugs_total_reference([v["instance"], v["local_group"], v["group"]], [1, 1, 1]) + 0.1 * v["koleo"]
+    assert torch.allclose(out.total(), total, rtol=1e-6)
 
 
 def test_weak_flags_filter_the_student_memory_only(method):
