@@ -103,6 +103,9 @@ class OptimConfig:
     # lr multiplier of the backbone's patch embedding (the student's patch_embed parameters, in
     # param groups of their own): 1.0 = the official DINO; the official Mugs and DINOv2 recipes use 0.2
     patch_embed_lr_mult: float = 1.0
+    # DINOv2's layer-wise lr decay: block i's lr x decay^(depth - i), the embeddings' x decay^(depth + 1),
+    # the final norm and heads x 1; 1.0 = none (official DINO, Mugs); DINOv2's ImageNet-1k recipe: 0.9
+    layerwise_decay: float = 1.0
 
 
 @dataclass
@@ -299,6 +302,9 @@ class TrainConfig:
         if not (math.isfinite(mult) and mult >= 0):
             raise ConfigError(f"optim.patch_embed_lr_mult must be a finite number >= 0 (1.0: the official DINO, "
                               f"0.2: the official Mugs and DINOv2; 0 freezes the patch embedding), got {mult!r}")
+        lwd = self.optim.layerwise_decay
+        if isinstance(lwd, bool) or not isinstance(lwd, (int, float)) or not (0 < lwd <= 1):
+            raise ConfigError(f"optim.layerwise_decay must be a number in (0, 1] (1.0: none, DINOv2: 0.9), got {lwd!r}")
         if not (math.isfinite(self.loss.koleo_weight) and self.loss.koleo_weight >= 0):
             raise ConfigError(f"loss.koleo_weight must be a finite number >= 0, got {self.loss.koleo_weight}")
         _validate_dinov2(self)

@@ -212,7 +212,8 @@ class Trainer:
         # optimisation
         self.global_batch = cfg.data.batch_size_per_gpu * self.dist.world_size
         self.base_lr = cfg.optim.lr * self.global_batch / 256.0
-        self.optimizer = build_adamw(self.method.student, cfg.optim.patch_embed_lr_mult)
+        self.optimizer = build_adamw(self.method.student, cfg.optim.patch_embed_lr_mult, cfg.optim.layerwise_decay,
+                                     num_layers=getattr(self.method.student.backbone, "depth", 0))
         # each group's name, lr multiplier and decay rule, from this config (restored after a resume)
         self._group_meta = [{k: g[k] for k in ("name", "lr_mult", "scheduled_wd")} for g in self.optimizer.param_groups]
         n = self.niter_per_epoch
@@ -349,8 +350,9 @@ class Trainer:
         if saved != here:
             raise ckpt_mod.CheckpointError(
                 f"{path} has optimizer param groups {saved}, this run builds {here} (optim.patch_embed_lr_mult="
-                f"{self.cfg.optim.patch_embed_lr_mult}: a value != 1 puts the patch embedding in groups of its own); "
-                f"resume with the optim.patch_embed_lr_mult the checkpoint was written with")
+                f"{self.cfg.optim.patch_embed_lr_mult}, optim.layerwise_decay={self.cfg.optim.layerwise_decay}: a value "
+                f"!= 1 puts the patch embedding, or each layer, in groups of its own); resume with the values the "
+                f"checkpoint was written with")
         self.optimizer.load_state_dict(ck["optimizer"])
         for g, meta in zip(self.optimizer.param_groups, self._group_meta):
             g.update(meta)  # this config's multipliers (checkpoints before them hold none)
