@@ -55,8 +55,11 @@ def test_far_below_prototype_keeps_its_mass():
     Q = sinkhorn_knopp_targets(T, 0.04)
     assert torch.isfinite(Q).all()
     assert not torch.isfinite(sinkhorn_knopp_reference(T.double(), 0.04)).all()  # even float64 loses it
-    # a constant added to a whole column cancels in the first prototype normalisation
-    torch.testing.assert_close(Q.double(), sinkhorn_knopp_reference(T0.double(), 0.04), rtol=1e-4, atol=1e-9)
+    # a constant added to a whole column cancels in the first prototype normalisation, up to the
+    # fp32 rounding of T / tau near -1000 (ulp 6.1e-5 in the log): over 300 seeds the worst
+    # relative error in Q was 1.6e-4 (native kernel) and 1.5e-4 (eager log-domain path), so 1e-4
+    # failed ~2 % of seeds on both paths
+    torch.testing.assert_close(Q.double(), sinkhorn_knopp_reference(T0.double(), 0.04), rtol=4e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("bad,match", [(torch.randn(3), "non-empty"), (torch.zeros(0, 4), "non-empty"),

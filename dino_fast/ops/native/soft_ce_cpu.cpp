@@ -507,7 +507,9 @@ DFN_EXPORT int dfn_sk_col_sumexp(const void* T, int64_t t_stride, int t_dt, int6
         j = 0;
         for (int64_t k = k0; k < k1; k += W, ++j) {
           const int cnt = k + W <= k1 ? W : static_cast<int>(k1 - k);
-          acc[j] += vexp(load16(row, t_dt, k, cnt) * inv_t - vr - mv[j]);
+          // (x inv_t - m_k) first: one fused multiply-subtract of the two large terms (a
+          // prototype far below the others has x inv_t and m_k both near -1e3), then - v_r
+          acc[j] += vexp((load16(row, t_dt, k, cnt) * inv_t - mv[j]) - vr);
         }
       }
       j = 0;
