@@ -14,11 +14,12 @@ def make_inputs(B: int, K: int, ncrops: int, n_teacher: int = 2, dtype: torch.dt
     return S, T, c
 
 
-def reference64(S, T, c, ncrops, n_teacher, tau_s, tau_t):
-    """float64 reference loss and gradient for the inputs as given (after their rounding)."""
+def reference64(S, T, c, ncrops, n_teacher, tau_s, tau_t, crop_weights=None):
+    """float64 reference loss and gradient for the inputs as given (after their rounding), with
+    optional per-crop pair weights."""
     S64 = S.detach().double().requires_grad_()
     loss = dino_loss_reference(S64, T.double(), c.double(), ncrops=ncrops, student_temp=tau_s,
-                               teacher_temp=tau_t, n_teacher=n_teacher)
+                               teacher_temp=tau_t, n_teacher=n_teacher, crop_weights=crop_weights)
     (g,) = torch.autograd.grad(loss, S64)
     return loss.detach(), g
 

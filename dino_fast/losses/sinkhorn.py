@@ -30,12 +30,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from dino_fast.ops.backend import resolve_backend
+from dino_fast.utils.distributed import is_dist
 
 __all__ = ["sinkhorn_knopp_log_targets", "sinkhorn_knopp_targets"]
 
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def _check(teacher_logits: Tensor, teacher_temp: float, n_iterations: int) -> None:
@@ -77,7 +75,7 @@ def sinkhorn_knopp_log_targets(teacher_logits: Tensor, teacher_temp: float, n_it
     dt = torch.float64 if teacher_logits.dtype == torch.float64 else torch.float32
     x = teacher_logits.to(dt) / float(teacher_temp)
     rows, K = x.shape
-    distributed = _dist()
+    distributed = is_dist()
     n_total = torch.tensor([float(rows)], dtype=dt, device=x.device)
     if distributed:
         dist.all_reduce(n_total)

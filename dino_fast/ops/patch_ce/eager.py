@@ -53,17 +53,11 @@ def patch_ce_forward_torch(
         row (rows,), all fp32 (fp64 for fp64 inputs), and G = dLoss/dS (rows, K) in S's dtype for
         an upstream gradient of 1.
     """
-    if native is not False:
-        from dino_fast.ops.patch_ce.native import patch_ce_forward_native
-        from dino_fast.ops.soft_ce.native import native_supported
+    from dino_fast.ops.patch_ce.native import patch_ce_forward_native
+    from dino_fast.ops.soft_ce.native import use_native
 
-        if native_supported(S, T):
-            return patch_ce_forward_native(S, T, c, w, tau_s, tau_t, with_colsum=with_colsum, workspace=workspace)
-        if native:
-            from dino_fast.ops.native import native_status
-
-            raise RuntimeError(f"native=True but the native kernel cannot take these tensors ({S.device}, "
-                               f"{S.dtype}/{T.dtype}) or is unavailable: {native_status()[1] or 'unsupported tensors'}")
+    if use_native(native, S, T):
+        return patch_ce_forward_native(S, T, c, w, tau_s, tau_t, with_colsum=with_colsum, workspace=workspace)
     rows, K = S.shape
     dt = torch.float64 if torch.float64 in (S.dtype, T.dtype) else torch.float32
     dev = S.device

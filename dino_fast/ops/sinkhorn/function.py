@@ -7,11 +7,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dino_fast.utils.distributed import is_dist
+
 __all__ = ["sinkhorn_log_targets_triton"]
-
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 @torch.no_grad()
@@ -51,7 +49,7 @@ def sinkhorn_log_targets_triton(teacher_logits: Tensor, teacher_temp: float, n_i
         raise ValueError(f"n_iterations must be an int >= 1, got {n_iterations!r}")
     R, K = T.shape
     f32 = dict(dtype=torch.float32, device=T.device)
-    distributed = _dist()
+    distributed = is_dist()
     n_total = torch.tensor([float(R)], dtype=torch.float64, device=T.device)
     if distributed:
         dist.all_reduce(n_total)

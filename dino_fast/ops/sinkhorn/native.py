@@ -18,12 +18,10 @@ from torch import Tensor
 
 from dino_fast.ops.native import load_native
 from dino_fast.ops.soft_ce.native import DTYPE_CODES, _ptr
+from dino_fast.utils.distributed import is_dist
 
 __all__ = ["sinkhorn_log_targets_native"]
 
-
-def _dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
 
 
 def sinkhorn_log_targets_native(teacher_logits: Tensor, teacher_temp: float, n_iterations: int = 3) -> Tensor:
@@ -47,7 +45,7 @@ def sinkhorn_log_targets_native(teacher_logits: Tensor, teacher_temp: float, n_i
     inv_t = 1.0 / float(teacher_temp)
     threads = torch.get_num_threads()
     n_total = torch.tensor([float(R)], dtype=torch.float64)
-    distributed = _dist()
+    distributed = is_dist()
     if distributed:
         dist.all_reduce(n_total)
     log_n, log_k = math.log(float(n_total)), math.log(K)

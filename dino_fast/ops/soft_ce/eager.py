@@ -63,18 +63,11 @@ def soft_ce_forward_torch(
     teacher sum is pre-scaled for the weight ``w_ref`` of the last crop (a local crop in Mugs), so
     only crops of another weight pay one extra in-place multiply of their gradient rows.
     """
-    if native is not False:
-        from dino_fast.ops.soft_ce.native import native_supported, soft_ce_forward_native
+    from dino_fast.ops.soft_ce.native import soft_ce_forward_native, use_native
 
-        tensors = (S, T) if out is None else (S, T, out)
-        if native_supported(*tensors):
-            return soft_ce_forward_native(S, T, c, ncrops, n_teacher, tau_s, tau_t, out=out, workspace=workspace,
-                                          crop_weights=crop_weights)
-        if native:
-            from dino_fast.ops.native import native_status
-
-            raise RuntimeError(f"native=True but the native kernel cannot take these tensors ({S.device}, "
-                               f"{S.dtype}/{T.dtype}) or is unavailable: {native_status()[1] or 'unsupported tensors'}")
+    if use_native(native, *((S, T) if out is None else (S, T, out))):
+        return soft_ce_forward_native(S, T, c, ncrops, n_teacher, tau_s, tau_t, out=out, workspace=workspace,
+                                      crop_weights=crop_weights)
     rows_s, K = S.shape
     B = rows_s // ncrops
     NT = n_teacher

@@ -20,7 +20,7 @@ from torch import Tensor
 from dino_fast.ops.native import load_native
 from dino_fast.ops.soft_ce.workspace import Workspace
 
-__all__ = ["DTYPE_CODES", "native_supported", "soft_ce_forward_native"]
+__all__ = ["DTYPE_CODES", "native_supported", "soft_ce_forward_native", "use_native"]
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -32,6 +32,24 @@ def native_supported(*tensors: Tensor) -> bool:
         if t.device.type != "cpu" or t.dtype not in DTYPE_CODES or t.dim() != 2 or t.stride(-1) != 1:
             return False
     return load_native() is not None
+
+
+def use_native(native: Optional[bool], *tensors: Tensor) -> bool:
+    """The CPU entry points' choice: ``native`` None takes the native kernel when
+    :func:`native_supported` says it can, False never does, True must (``RuntimeError`` saying
+    why not, otherwise). ``tensors``: the call's inputs (and output buffer, if any)."""
+    if native is False:
+        return False
+    if native_supported(*tensors):
+        return True
+    if native:
+        from dino_fast.ops.native import native_status
+
+        t0 = tensors[0]
+        raise RuntimeError(f"native=True but the native kernel cannot take these tensors ({t0.device}, "
+                           f"{'/'.join(str(t.dtype) for t in tensors[:2])}) or is unavailable: "
+                           f"{native_status()[1] or 'unsupported tensors'}")
+    return False
 
 
 def _ptr(t: Tensor) -> ctypes.c_void_p:
