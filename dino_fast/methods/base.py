@@ -21,6 +21,8 @@ from dino_fast.models.registry import create_backbone
 
 __all__ = ["LossTerm", "StepOutput", "BatchInfo", "Method", "build_backbone"]
 
+_WRAPPER_PREFIX = "_student_forward."
+
 
 @dataclass
 class LossTerm:
@@ -100,10 +102,18 @@ class Method(nn.Module):
       set by :meth:`set_autocast`) and the losses outside it: the fused loss ops take the
       networks' fp32/bf16 outputs as they come and accumulate in fp32 themselves.
     - :meth:`after_step` runs after the optimiser step and the EMA (queue updates etc.).
+    - under ``train.sharding=fsdp`` the trainer shards ``student`` and ``teacher`` in place
+      (:mod:`dino_fast.train.fsdp`: each ``backbone.blocks[i]``, each other child with parameters,
+      the root): call both through their root ``forward`` (``student_forward(...)``,
+      ``teacher(...)``), never a submodule's method directly, so that FSDP gathers the weights.
+      A method that cannot sets :attr:`fsdp_unsupported` to the reason.
     - :meth:`legacy_method_state` maps a checkpoint written before methods existed (optional).
     """
 
     name: ClassVar[str] = ""
+    # why this method cannot train with ``train.sharding=fsdp`` ("" = it can); the trainer raises a
+    # ValueError naming the method and this reason when it is set
+    fsdp_unsupported: ClassVar[str] = ""
     student: nn.Module
     teacher: nn.Module
 
@@ -121,8 +131,13 @@ class Method(nn.Module):
         return self._student_forward if self._student_forward is not None else self.student
 
     def set_student_forward(self, module: nn.Module) -> None:
-        """Use ``module`` (a wrapper of ``self.student``, e.g. DDP) for the student's forward."""
-        self._student_forward = module
+        """Use ``module`` (a wrapper of ``self.student``, e.g. DDP) for the student's forward.
+
+        Kept as a plain attribute, not a registered submodule: the wrapper holds the student's
+        own parameters, which must not appear a second time in :meth:`method_state_dict` (they
+        did in checkpoints of DDP runs, ``_student_forward.module.*``; :meth:`load_method_state_dict`
+        ignores those keys)."""
+        object.__setattr__(self, "_student_forward", module)
 
     def set_autocast(self, factory: Callable[[], ContextManager[Any]]) -> None:
         """Use ``factory()`` as the mixed-precision context of the networks' forward passes."""
@@ -192,6 +207,9 @@ class Method(nn.Module):
     def load_method_state_dict(self, state: dict[str, Any]) -> None:
         """Load what :meth:`method_state_dict` returned (strict: missing or extra keys raise)."""
         own = self.method_state_dict()
+        # a DDP run's checkpoints before the wrapper stopped being a submodule hold the student
+        # a second time under _student_forward.*: not method state
+        state = {k: v for k, v in state.items() if not k.startswith(_WRAPPER_PREFIX)}
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:
             raise KeyError(f"method {self.name!r} state: missing keys {missing}, unexpected keys {unexpected}")
