@@ -34,9 +34,27 @@ before the update: the teacher is never silently detached from the buffer the up
 Architectures are re-validated at every re-bind. (``share_memory_()`` moves the one shared
 storage and keeps the views: offsets are checked relative to the buffer, so nothing is re-packed.)
 
+Sharded path (FSDP2, ``fully_shard``): FSDP owns its parameters' storage (each parameter is a
+``DTensor`` whose local shard is a view into FSDP's padded shard buffer), so nothing can be
+re-packed. When the teacher's or the student's parameters are ``DTensor`` s, :class:`TeacherEMA`
+binds the two parameter lists instead, after checking every pair as the flat path does
+(count, names, global shapes, dtypes, devices) and that both sides are sharded alike (the same
+device mesh and placements, the same local shard shapes: teacher and student sharded the same
+way, see :mod:`dino_fast.train.fsdp`), and ``update`` is one multi-tensor
+``torch._foreach_lerp_`` over the local shards (``p.to_local()``: the same
+``lerp`` as the flat path, elementwise, so the result is bitwise the flat path's on each slice;
+``backend="reference"``: the per-parameter loop on the shards). Before each update every
+``FSDPModule`` of both sides is resharded (a no-op when it already is), so the update writes the
+sharded fp32 parameters, never a gathered copy. With ``check_finite`` the non-finite flag of the
+local student shards is all-reduced (max) over the mesh, so every rank raises
+:class:`NonFiniteEMAError` at the same update (the rank holding the value names tensor, local
+index and rank; the others say that another rank holds it) and no rank is left in a collective.
+``backend="triton"`` is refused there (the kernel needs one flat buffer); ``teacher_buffer`` /
+``student_buffer`` do not exist (``RuntimeError``).
+
 Caveats (documented, not hidden): create :class:`TeacherEMA` before ``torch.compile`` or CUDA
-graph capture of the student (both may have recorded the old addresses); FSDP (sharded
-parameters) is not supported; packed parameters are contiguous row-major views (a
+graph capture of the student (both may have recorded the old addresses); FSDP is supported
+through the sharded path above (not the flat one); packed parameters are contiguous row-major views (a
 ``channels_last`` convolution weight becomes row-major); ``torch.save`` of a *single* parameter
 saves the whole flat storage (a full ``state_dict`` saves it once, as before).
 """
@@ -63,10 +81,10 @@ class NonFiniteEMAError(ValueError):
 # helpers
 # --------------------------------------------------------------------------------------------
 
-def _all_finite(t: torch.Tensor) -> torch.Tensor:
+def _all_finite(*tensors: torch.Tensor) -> torch.Tensor:
     from dino_fast.utils.finite import all_finite
 
-    return all_finite(t)
+    return all_finite(*tensors)
 
 
 def _check_momentum(momentum: object) -> float:
@@ -322,6 +340,88 @@ def _single_device_dtype(side: str, items: list[tuple[str, torch.Tensor]]) -> No
             raise ValueError(f"{side} tensors must all have one dtype: {items[0][0]!r} is {dt}, {name!r} is {t.dtype}")
 
 
+# --------------------------------------------------------------------------------------------
+# the sharded (FSDP) path
+# --------------------------------------------------------------------------------------------
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _has_dtensor(module: nn.Module) -> bool:
+    return any(_is_dtensor(p) for p in module.parameters())
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (a view: in-place updates write the parameter), else ``t``."""
+    return (t.to_local() if _is_dtensor(t) else t).detach()
+
+
+def _same_objects(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+
+
+def _reshard(module: nn.Module) -> None:
+    """Reshard every FSDPModule in ``module`` (registered parameters back to the sharded DTensors)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+@dataclass
+class _Sharded:
+    """The bound parameter lists of the sharded path (DTensors, or plain tensors where a side
+    holds some unsharded ones: then both sides must agree tensor by tensor)."""
+
+    names: list[str]
+    teacher: list[torch.Tensor]
+    student: list[torch.Tensor]
+    group: object  # the mesh's process group (None: no all-reduce, e.g. no DTensor at all)
+    device: torch.device
+
+
+def _bind_sharded(teacher: nn.Module, student: nn.Module, include_buffers: bool) -> _Sharded:
+    """Validate the two modules' tensors for the sharded path and bind them (module doc)."""
+    _reshard(teacher)
+    _reshard(student)
+    t_items = _named_state(teacher, include_buffers)
+    s_items = _named_state(student, include_buffers)
+    if not t_items and not s_items:
+        raise ValueError("teacher and student have no parameters to average")
+    group = None
+    for i, ((tn, t), (sn, s)) in enumerate(zip(t_items, s_items)):
+        where = f"teacher {tn!r} / student {sn!r} (tensor #{i})"
+        if _is_dtensor(t) != _is_dtensor(s):
+            raise ValueError(f"{where}: one side is sharded (DTensor) and the other is not; shard the teacher "
+                             f"exactly as the student (dino_fast.train.fsdp.shard_module on the same mesh)")
+        if _is_dtensor(t):
+            if t.device_mesh != s.device_mesh or tuple(t.placements) != tuple(s.placements):
+                raise ValueError(f"{where}: sharded differently: teacher mesh {t.device_mesh} placements "
+                                 f"{tuple(t.placements)} vs student mesh {s.device_mesh} placements {tuple(s.placements)}")
+            if t.shape != s.shape:
+                raise ValueError(f"shape mismatch at {where}: teacher {tuple(t.shape)} vs student {tuple(s.shape)}"
+                                 + _name_hint(t_items, s_items, i))
+            if t.to_local().shape != s.to_local().shape:
+                raise ValueError(f"{where}: local shards differ: teacher {tuple(t.to_local().shape)} vs student "
+                                 f"{tuple(s.to_local().shape)}")
+            if group is None and t.device_mesh.ndim == 1:
+                group = t.device_mesh.get_group()
+    # the flat path's checks (count, names, dtype, device, fp32 teacher, no shared memory) on the
+    # local shards, which have equal shapes exactly when the global shapes and shardings agree
+    _validate_pairs([(n, _local(t)) for n, t in t_items], [(n, _local(s)) for n, s in s_items],
+                    require_fp32_teacher=True)
+    return _Sharded(names=[n for n, _ in s_items], teacher=[t for _, t in t_items],
+                    student=[s for _, s in s_items], group=group, device=_local(t_items[0][1]).device)
+
+
 class TeacherEMA:
     """Exponential moving average of a student's parameters into a teacher, one pass per update.
 
@@ -378,6 +478,14 @@ class TeacherEMA:
         self.rebind_count = 0
         self._t: _Side
         self._s: _Side
+        self._sharded: _Sharded | None = None
+        if _has_dtensor(self.teacher) or _has_dtensor(self.student):
+            if self.backend == "triton":
+                raise ValueError("backend='triton' needs one flat buffer per side, which FSDP (sharded DTensor "
+                                 "parameters) does not allow; use backend='auto' or 'torch' (one "
+                                 "torch._foreach_lerp_ over the local shards)")
+            self._sharded = _bind_sharded(self.teacher, self.student, include_buffers)
+            return
         self._bind(force=True)
         self._checked_at = _REGISTRATIONS[0]
         self.rebind_count = 0
@@ -442,23 +550,40 @@ class TeacherEMA:
     # -- public --------------------------------------------------------------------------------
 
     @property
+    def sharded(self) -> bool:
+        """True on the sharded (FSDP, DTensor) path, False on the flat-buffer path."""
+        return self._sharded is not None
+
+    def _flat_only(self, what: str) -> None:
+        if self._sharded is not None:
+            raise RuntimeError(f"{what} does not exist on the sharded (FSDP) path: FSDP owns the parameters' storage")
+
+    @property
     def teacher_buffer(self) -> torch.Tensor:
-        """The teacher's flat float32 buffer, shape ``(numel,)`` (every teacher tensor is a view)."""
+        """The teacher's flat float32 buffer, shape ``(numel,)`` (every teacher tensor is a view).
+        Raises ``RuntimeError`` on the sharded path."""
+        self._flat_only("teacher_buffer")
         return self._t.flat
 
     @property
     def student_buffer(self) -> torch.Tensor:
-        """The student's flat buffer, shape ``(numel,)``, same dtype and device as the teacher's."""
+        """The student's flat buffer, shape ``(numel,)``, same dtype and device as the teacher's.
+        Raises ``RuntimeError`` on the sharded path."""
+        self._flat_only("student_buffer")
         return self._s.flat
 
     @property
     def numel(self) -> int:
-        """Number of averaged elements."""
+        """Number of averaged elements (on the sharded path: of the full, unsharded tensors)."""
+        if self._sharded is not None:
+            return sum(t.numel() for t in self._sharded.teacher)
         return self._t.flat.numel()
 
     @property
     def num_tensors(self) -> int:
         """Number of averaged tensors (parameters, plus floating buffers when included)."""
+        if self._sharded is not None:
+            return len(self._sharded.teacher)
         return len(self._t.tensors)
 
     def update(self, momentum: float) -> None:
@@ -472,6 +597,9 @@ class TeacherEMA:
         are still views into the flat buffers, and re-packs a side whose tensors were replaced.
         """
         m = _check_momentum(momentum)
+        if self._sharded is not None:
+            self._update_sharded(m)
+            return
         self._ensure_bound()
         if self.check_finite and not bool(_all_finite(self._s.flat)):
             self._raise_non_finite()
@@ -481,6 +609,49 @@ class TeacherEMA:
                 _reference_update_(self._t.tensors, self._s.tensors, m)
             else:
                 _flat_update_(self._t.flat, self._s.flat, m, backend)
+
+    def _update_sharded(self, m: float) -> None:
+        """The sharded path of :meth:`update` (module doc): reshard, re-bind if FSDP replaced a
+        parameter object, check (all ranks agree), one ``_foreach_lerp_`` over the local shards."""
+        _reshard(self.teacher)
+        _reshard(self.student)
+        sh = self._sharded
+        if (not _same_objects(sh.teacher, _tensors(self.teacher, self.include_buffers))
+                or not _same_objects(sh.student, _tensors(self.student, self.include_buffers))):
+            sh = self._sharded = _bind_sharded(self.teacher, self.student, self.include_buffers)
+            self.rebind_count += 1
+        t_local = [_local(t) for t in sh.teacher]
+        s_local = [_local(s) for s in sh.student]
+        if self.check_finite:
+            self._check_finite_sharded(sh, s_local)
+        with torch.no_grad():
+            if self.backend == "reference":
+                _reference_update_(t_local, s_local, m)
+            elif t_local:
+                torch._foreach_lerp_(t_local, s_local, 1.0 - m)
+
+    def _check_finite_sharded(self, sh: "_Sharded", s_local: list[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        nonempty = [t for t in s_local if t.numel()]
+        ok = _all_finite(*nonempty) if nonempty else torch.ones((), dtype=torch.bool, device=sh.device)
+        flag = (~ok).to(torch.float32).reshape(1)
+        if sh.group is not None:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=sh.group)
+        if float(flag.item()) == 0.0:
+            return
+        if not bool(ok):
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            for name, t in zip(sh.names, s_local):
+                bad = ~torch.isfinite(t.detach())
+                if bool(bad.any()):
+                    idx = tuple(int(i) for i in bad.nonzero()[0])
+                    raise NonFiniteEMAError(
+                        f"student tensor {name!r} (local shard {tuple(t.shape)} on rank {rank}) holds a non-finite "
+                        f"value ({t.detach()[idx].item()}) at local index {idx} ({int(bad.sum())} non-finite "
+                        f"element(s) in this shard); the EMA update was not applied, the teacher is unchanged")
+        raise NonFiniteEMAError("another rank's student shard holds a non-finite value (see its error); the EMA "
+                                "update was not applied, the teacher is unchanged")
 
     def _raise_non_finite(self) -> None:
         for name, t in zip(self._s.names, self._s.tensors):
@@ -495,5 +666,8 @@ class TeacherEMA:
         raise NonFiniteEMAError("the student's flat buffer holds a non-finite value outside its tensors")
 
     def __repr__(self) -> str:
+        if self._sharded is not None:
+            return (f"TeacherEMA(sharded, tensors={self.num_tensors}, numel={self.numel}, device={self._sharded.device}, "
+                    f"backend={self.backend!r}, include_buffers={self.include_buffers})")
         return (f"TeacherEMA(tensors={self.num_tensors}, numel={self.numel}, dtype={self._t.flat.dtype}, "
                 f"device={self._t.flat.device}, backend={self.backend!r}, include_buffers={self.include_buffers})")
