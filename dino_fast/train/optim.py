@@ -4,7 +4,8 @@
   tokens are not 1-D but ``cls_token``/``pos_embed`` *are* regularised in the official code);
   optionally the patch embedding in groups of its own with an lr multiplier (Mugs, DINOv2: 0.2).
 - :func:`clip_gradients`: the official per-parameter clipping (each gradient tensor rescaled to
-  norm <= clip on its own), or a global-norm option.
+  norm <= clip on its own), or a global-norm option; FSDP's sharded (``DTensor``) gradients get
+  the norms of the full tensors (local sums of squares, all-reduced over the mesh).
 - :func:`cancel_gradients_last_layer`: drop the head's last-layer gradients during the first
   ``freeze_last_layer`` epochs.
 """
@@ -144,7 +145,17 @@ def clip_gradients(params: Iterable[torch.Tensor], clip: float, mode: str = "per
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(0)
-    norms = torch.stack(torch._foreach_norm(grads, 2.0)).float()
+    group = _dtensor_group(grads)
+    if group is not None:  # FSDP: each rank holds a shard of every gradient
+        grads = [g.to_local() for g in grads]
+        # per-tensor norms of the full gradients: local sums of squares, all-reduced (every rank
+        # gets the same norms and scales its shards by the same factors)
+        sq = torch.stack([torch.linalg.vector_norm(g.float()) ** 2 if g.numel() else g.new_zeros((), dtype=torch.float32)
+                          for g in grads])
+        torch.distributed.all_reduce(sq, group=group)
+        norms = sq.sqrt()
+    else:
+        norms = torch.stack(torch._foreach_norm(grads, 2.0)).float()
     if mode == "per_param":
         if clip > 0:
             coef = clip / (norms + 1e-6)
@@ -162,6 +173,25 @@ def clip_gradients(params: Iterable[torch.Tensor], clip: float, mode: str = "per
             torch._foreach_mul_(grads, coef.item())
         return total
     raise ValueError(f"clip mode must be 'per_param' or 'global', got {mode!r}")
+
+
+def _dtensor_group(grads: list[torch.Tensor]) -> object:
+    """The process group of the 1-D mesh the gradients are sharded on (FSDP), or None when they
+    are plain tensors. Raises ``ValueError`` for a mix, or for a mesh of more than one dim."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return None
+    kinds = {isinstance(g, DTensor) for g in grads}
+    if kinds == {False}:
+        return None
+    if kinds != {True}:
+        raise ValueError("clip_gradients: some gradients are DTensors (FSDP) and some are not; shard every "
+                         "trainable parameter or none")
+    mesh = grads[0].device_mesh
+    if mesh.ndim != 1 or any(g.device_mesh != mesh for g in grads):
+        raise ValueError(f"clip_gradients: gradients must be sharded over one 1-D mesh, got {mesh}")
+    return mesh.get_group()
 
 
 def cancel_gradients_last_layer(epoch: int, model: nn.Module, freeze_last_layer: int) -> None:
