@@ -132,6 +132,17 @@ class TrainSection:
     tensorboard: bool = False
     threads: int = 0  # torch CPU threads (0: torch's default)
     dist_backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    # how the student and teacher are distributed over the ranks: "none" (every rank holds all
+    # weights; DDP when distributed) or "fsdp" (torch's fully_shard, FSDP2: each transformer block,
+    # then each head, then the root of student and teacher sharded over one mesh of all ranks;
+    # needs torch.distributed, i.e. torchrun; docs/DESIGN.md "Sharded training (FSDP)")
+    sharding: str = "none"
+    # FSDP's parameter dtype for the forward/backward (the sharded fp32 weights are all-gathered
+    # in it): "auto" (bf16 when train.precision resolves to bf16, else fp32) | bf16 | fp32
+    fsdp_param_dtype: str = "auto"
+    # dtype of the transformer blocks' gradient reduce-scatter under FSDP: fp32 (default) | bf16
+    # (halves the block traffic); the heads and the root always reduce in fp32
+    fsdp_block_reduce_dtype: str = "fp32"
 
 
 @dataclass
@@ -247,6 +258,7 @@ class TrainConfig:
         _choice("optim.clip_mode", self.optim.clip_mode, ("per_param", "global"))
         _choice("train.precision", self.train.precision, ("auto", "bf16", "fp16", "fp32"))
         _choice("train.dist_backend", self.train.dist_backend, ("auto", "nccl", "gloo"))
+        _validate_sharding(self)
         for key, val in [
             ("model.patch_size", self.model.patch_size), ("model.out_dim", self.model.out_dim),
             ("data.global_crops_number", self.data.global_crops_number),
@@ -376,6 +388,22 @@ def _validate_dinov2(cfg: "TrainConfig") -> None:
     if cfg.method.name == "dinov2" and cfg.model.fused_multicrop_attention:
         raise ConfigError("model.fused_multicrop_attention is not supported by method dinov2 (its global crops run "
                           "through forward_features with masks)")
+
+
+def _validate_sharding(cfg: "TrainConfig") -> None:
+    t = cfg.train
+    _choice("train.sharding", t.sharding, ("none", "fsdp"))
+    _choice("train.fsdp_param_dtype", t.fsdp_param_dtype, ("auto", "bf16", "fp32"))
+    _choice("train.fsdp_block_reduce_dtype", t.fsdp_block_reduce_dtype, ("fp32", "bf16"))
+    if t.sharding != "fsdp":
+        return
+    if t.precision == "fp16":
+        raise ConfigError("train.sharding=fsdp supports train.precision auto, bf16 or fp32, got 'fp16' (the fp16 "
+                          "grad scaler's inf check is per rank, and under FSDP each rank sees only its gradient "
+                          "shard); use bf16")
+    if cfg.model.fused_multicrop_attention:
+        raise ConfigError("model.fused_multicrop_attention=true is not supported with train.sharding=fsdp (the "
+                          "fused path calls the blocks' forward_packed, which FSDP does not unshard); set it false")
 
 
 def _choice(key: str, value: Any, choices: Sequence[str]) -> None:

@@ -56,6 +56,7 @@ from dino_fast.eval.knn import knn_eval_backbone, run_eval_roots
 from dino_fast.eval.linear import linear_eval_backbone
 from dino_fast.methods import BatchInfo, Method, StepOutput, build_backbone, build_method, get_method
 from dino_fast.ops.ema import NonFiniteEMAError, TeacherEMA
+from dino_fast.train import fsdp as fsdp_mod
 from dino_fast.train.optim import build_adamw, cancel_gradients_last_layer, clip_gradients
 from dino_fast.train.precision import autocast_context, resolve_precision, set_speed_flags
 from dino_fast.utils import checkpoint as ckpt_mod
@@ -200,7 +201,10 @@ class Trainer:
             for m in (self.method.student, self.method.teacher):
                 m.backbone.compile_blocks()
         self.student_ddp: nn.Module = self.method.student
-        if self.dist.distributed:
+        self.fsdp = cfg.train.sharding == "fsdp"
+        if self.fsdp:
+            self._shard_method()
+        elif self.dist.distributed:
             self.student_ddp = nn.parallel.DistributedDataParallel(
                 self.method.student, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             )
@@ -253,6 +257,30 @@ class Trainer:
         self._bar_collapse = ""  # the last check's teacher entropy / ln K, for the progress bar
         self.collapse_warnings: list[tuple[int, str]] = []  # (epoch, warning) seen in this run
 
+    def _shard_method(self) -> None:
+        """``train.sharding=fsdp``: ``fully_shard`` the student and the teacher the same way on one
+        mesh of all ranks (:func:`dino_fast.train.fsdp.shard_module`); no DDP wrapper (FSDP
+        modifies the modules in place, and the method keeps calling ``method.student``)."""
+        method = self.method
+        reason = type(method).fsdp_unsupported
+        if reason:
+            raise ValueError(f"method {method.name!r} does not support train.sharding=fsdp: {reason}; "
+                             f"use train.sharding=none (DDP)")
+        if not is_dist():
+            raise ValueError("train.sharding=fsdp needs torch.distributed initialised: launch with torchrun "
+                             f"(WORLD_SIZE >= 2); this process has world size {self.dist.world_size} and no "
+                             f"process group")
+        mesh = fsdp_mod.build_mesh(self.device)
+        param_dtype = fsdp_mod.fsdp_param_dtype(self.cfg.train.fsdp_param_dtype, self.precision)
+        block_reduce = torch.bfloat16 if self.cfg.train.fsdp_block_reduce_dtype == "bf16" else torch.float32
+        fsdp_mod.shard_module(method.student, mesh, param_dtype=param_dtype, block_reduce_dtype=block_reduce)
+        fsdp_mod.shard_module(method.teacher, mesh, param_dtype=param_dtype, block_reduce_dtype=block_reduce,
+                              reshard_root=True)
+        self.mesh = mesh
+        if self.dist.is_main:
+            log.info("FSDP: student and teacher sharded over %d ranks (param dtype %s, block reduce %s, heads "
+                     "reduce float32)", self.dist.world_size, param_dtype or torch.float32, block_reduce)
+
     @property
     def student(self) -> nn.Module:
         """The method's student (unwrapped)."""
@@ -283,14 +311,27 @@ class Trainer:
         return Path(path)
 
     # ---------------------------------------------------------------- checkpoints
-    def state(self, next_epoch: int, next_batch: int) -> dict[str, Any]:
-        """Everything needed for an exact resume at (next_epoch, next_batch)."""
+    def _gather_sharded(self) -> dict[str, Any]:
+        """Under FSDP: the full student, teacher and optimizer state dicts on rank 0's CPU (``{}``
+        entries on the other ranks), in the format of a non-sharded run. A collective: every rank
+        calls it."""
+        return {"student": fsdp_mod.full_model_state_dict(self.method.student),
+                "teacher": fsdp_mod.full_model_state_dict(self.method.teacher),
+                "optimizer": fsdp_mod.full_optimizer_state_dict(self.method.student, self.optimizer)}
+
+    def state(self, next_epoch: int, next_batch: int, gathered: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Everything needed for an exact resume at (next_epoch, next_batch). Under FSDP the
+        weights and optimizer state come from ``gathered`` (:meth:`_gather_sharded`, called on
+        every rank first), so the checkpoint has the format of a non-sharded run."""
+        if self.fsdp and gathered is None:
+            raise RuntimeError("Trainer.state under train.sharding=fsdp needs the gathered state dicts "
+                               "(Trainer._gather_sharded, a collective every rank calls)")
         return {
             "format_version": ckpt_mod.FORMAT_VERSION,
-            "student": self.method.student.state_dict(),
-            "teacher": self.method.teacher.state_dict(),
+            "student": gathered["student"] if gathered else self.method.student.state_dict(),
+            "teacher": gathered["teacher"] if gathered else self.method.teacher.state_dict(),
             "method": {"name": self.method.name, "state": self.method.method_state_dict()},
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": gathered["optimizer"] if gathered else self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "epoch": next_epoch,
             "batch": next_batch,
@@ -304,9 +345,10 @@ class Trainer:
         """Write ``checkpoint.pth`` atomically (rank 0 only); optionally a numbered copy."""
         path = None
         error: Optional[BaseException] = None
+        gathered = self._gather_sharded() if self.fsdp else None  # every rank, before rank 0 writes
         if self.dist.is_main:
             try:
-                st = self.state(next_epoch, next_batch)
+                st = self.state(next_epoch, next_batch, gathered)
                 path = ckpt_mod.atomic_save(st, self.out_dir / ckpt_mod.CHECKPOINT_NAME)
                 if numbered:
                     ckpt_mod.atomic_save(st, self.out_dir / ckpt_mod.numbered_name(next_epoch))
@@ -342,8 +384,12 @@ class Trainer:
         if ck.get("world_size", 1) != self.dist.world_size:
             log.warning("checkpoint was written with world size %s, resuming with %s",
                         ck.get("world_size"), self.dist.world_size)
-        self.method.student.load_state_dict(ck["student"])
-        self.method.teacher.load_state_dict(ck["teacher"])
+        if self.fsdp:  # every rank read the full dicts; each keeps its shard
+            fsdp_mod.load_full_model_state_dict(self.method.student, ck["student"])
+            fsdp_mod.load_full_model_state_dict(self.method.teacher, ck["teacher"])
+        else:
+            self.method.student.load_state_dict(ck["student"])
+            self.method.teacher.load_state_dict(ck["teacher"])
         self.method.load_method_state_dict(method_state)
         saved = [g.get("name") for g in ck["optimizer"]["param_groups"]]
         here = [m["name"] for m in self._group_meta]
@@ -353,7 +399,10 @@ class Trainer:
                 f"{self.cfg.optim.patch_embed_lr_mult}, optim.layerwise_decay={self.cfg.optim.layerwise_decay}: a value "
                 f"!= 1 puts the patch embedding, or each layer, in groups of its own); resume with the values the "
                 f"checkpoint was written with")
-        self.optimizer.load_state_dict(ck["optimizer"])
+        if self.fsdp:
+            fsdp_mod.load_full_optimizer_state_dict(self.method.student, self.optimizer, ck["optimizer"])
+        else:
+            self.optimizer.load_state_dict(ck["optimizer"])
         for g, meta in zip(self.optimizer.param_groups, self._group_meta):
             g.update(meta)  # this config's multipliers (checkpoints before them hold none)
         self.scaler.load_state_dict(ck["scaler"])
@@ -644,17 +693,35 @@ class Trainer:
                 self._metrics_file = None
             if self._tb is not None:
                 self._tb.close()
-        if self.dist.is_main:
+        if self.dist.is_main or self.fsdp:  # under FSDP every rank takes part in the gather
             self.export_teacher_backbone()
         return {"iterations": self.iteration, "iterations_run": iters_run, "last_loss": self.last_loss,
                 "output_dir": str(self.out_dir), "interrupted": interrupted,
                 "collapse_warnings": [f"epoch {e}: {w}" for e, w in self.collapse_warnings]}
 
     def export_teacher_backbone(self) -> Path:
-        """Write the teacher backbone alone (official DINO key layout) to teacher_backbone.pth."""
+        """Write the teacher backbone alone (official DINO key layout) to teacher_backbone.pth
+        (rank 0). Under FSDP a collective (the full teacher is gathered to rank 0): every rank calls it."""
         path = self.out_dir / "teacher_backbone.pth"
+        if self.fsdp:
+            full = fsdp_mod.full_model_state_dict(self.method.teacher)
+            if self.dist.is_main:
+                ckpt_mod.atomic_save({k[len("backbone."):]: v for k, v in full.items() if k.startswith("backbone.")},
+                                     path)
+            return path
         ckpt_mod.atomic_save(self.method.teacher.backbone.state_dict(), path)
         return path
+
+    def eval_backbone(self) -> nn.Module:
+        """The teacher backbone for rank 0's evaluation after training: ``teacher.backbone`` itself,
+        or under FSDP (where it is sharded and a forward would need every rank) an unsharded copy
+        loaded from the exported ``teacher_backbone.pth`` (call after :meth:`fit`)."""
+        if not self.fsdp:
+            return self.method.teacher.backbone
+        backbone = build_backbone(self.cfg, teacher=True)
+        backbone.load_state_dict(torch.load(self.out_dir / "teacher_backbone.pth", map_location="cpu",
+                                            weights_only=True))
+        return backbone.to(self.device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -679,7 +746,7 @@ def run_knn_report(trainer: Trainer) -> dict[str, Any]:
         return {}
     report: dict[str, Any] = {}
     report["teacher"] = knn_eval_backbone(
-        trainer.method.teacher.backbone, train_root, val_root, ks=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+        trainer.eval_backbone(), train_root, val_root, ks=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
         image_size=cfg.eval.image_size, resize_size=cfg.eval.resize_size, batch_size=cfg.eval.batch_size,
         device=trainer.device,
     )
@@ -707,7 +774,7 @@ def run_linear_report(trainer: Trainer) -> dict[str, Any]:
     kw = dict(image_size=cfg.eval.image_size, resize_size=cfg.eval.resize_size, batch_size=cfg.eval.batch_size,
               num_workers=cfg.data.num_workers, device=trainer.device, epochs=cfg.eval.linear_epochs,
               seed=cfg.train.seed)
-    report: dict[str, Any] = {"teacher": linear_eval_backbone(trainer.method.teacher.backbone, train_root,
+    report: dict[str, Any] = {"teacher": linear_eval_backbone(trainer.eval_backbone(), train_root,
                                                               val_root, **kw)}
     if cfg.eval.compare_random_init:
         torch.manual_seed(cfg.train.seed + 12345)  # the same twin as run_knn_report's
