@@ -35,8 +35,9 @@ from tests.reliability.test_distributed import free_port
 
 ITERS = 6
 # 24 images, batch 4 per rank at world size 2: 3 iterations per epoch
+# drop path off: it draws per rank, so only then does 1 process at batch 8 train as 2 ranks at 4
 COMMON = ("train.epochs=2", "train.threads=1", "train.dist_backend=gloo", "optim.clip_grad=0.3",
-          "optim.freeze_last_layer=1", "optim.layerwise_decay=0.9")
+          "optim.freeze_last_layer=1", "optim.layerwise_decay=0.9", "model.drop_path_rate=0")
 
 
 def _cfg(data_root: Path, out: Path, *extra: str):
@@ -55,6 +56,7 @@ def _body(rank: int, data_root: Path, root: Path) -> dict:
     Trainer(_cfg(data_root, root / "resume", *fsdp, f"train.max_iters={ITERS // 2}")).fit()
     if rank == 0:
         shutil.copytree(root / "resume", root / "fsdp_half")
+        shutil.copytree(root / "resume", root / "fsdp_half_single")  # resumed by one process, in the test
     _barrier()
     Trainer(_cfg(data_root, root / "resume", *fsdp, f"train.max_iters={ITERS}", "train.resume=auto")).fit()
     # (3) checkpoints across shardings: DDP resumes from the FSDP half-way checkpoint; FSDP from DDP's
@@ -62,6 +64,9 @@ def _body(rank: int, data_root: Path, root: Path) -> dict:
     Trainer(_cfg(data_root, root / "ddp_half", f"train.max_iters={ITERS // 2}")).fit()
     _barrier()
     Trainer(_cfg(data_root, root / "ddp_half", *fsdp, f"train.max_iters={ITERS}", "train.resume=auto")).fit()
+    # bf16 parameters (fp32 head reduction), blocks reduced in bf16
+    Trainer(_cfg(data_root, root / "bf16", *fsdp, "train.fsdp_param_dtype=bf16", "train.fsdp_block_reduce_dtype=bf16",
+                 f"train.max_iters={ITERS}")).fit()
     # (4) the other methods under FSDP
     for name, extra in (("dinov2", ("method.name=dinov2", "optim.layerwise_decay=1.0")),
                         ("mugs", ("method.name=mugs", "mugs.queue_size=32", "mugs.memory_size=24",
@@ -242,6 +247,35 @@ def test_checkpoints_move_between_fsdp_and_ddp(runs):
         ta, tb = _tensors(got), _tensors(ref)
         for k in tb:
             _close(ta[k].float(), tb[k].float(), f"{path.name}: {k}")
+
+
+@pytest.mark.slow
+def test_one_process_resumes_from_an_fsdp_checkpoint(runs, data_root):
+    """A sharded run's checkpoint in a single, unsharded process at the global batch (8): the
+    remaining iterations give the sharded run's losses (2 ranks at b = 1 process at 2b)."""
+    from dino_fast.train.loop import Trainer
+
+    root, _ = runs
+    out = root / "fsdp_half_single"
+    assert ck.load_checkpoint(out / "checkpoint.pth")["iteration"] == ITERS // 2
+    Trainer(tiny_config(data_root, out, *COMMON, "data.batch_size_per_gpu=8", f"train.max_iters={ITERS}",
+                        "train.resume=auto")).fit()
+    a, b = read_losses(root / "fsdp"), read_losses(out)
+    for i in range(ITERS):
+        assert abs(a[i] - b[i]) <= 1e-5 * abs(a[i]), f"iteration {i}: fsdp {a[i]!r}, one process {b[i]!r}"
+
+
+@pytest.mark.slow
+def test_bf16_parameters_train(runs):
+    """bf16 parameters (fp32 shards, optimizer and EMA; fp32 head reduction, bf16 block reduction):
+    finite and near the fp32 run (bf16 rounding: 2 % of the loss), checkpoint in fp32."""
+    root, _ = runs
+    a, b = read_losses(root / "fsdp"), read_losses(root / "bf16")
+    for i in range(ITERS):
+        assert abs(a[i] - b[i]) <= 0.02 * abs(a[i]), f"iteration {i}: fp32 {a[i]!r}, bf16 {b[i]!r}"
+    st = ck.load_checkpoint(root / "bf16" / "checkpoint.pth")
+    assert all(v.dtype == torch.float32 for v in st["student"].values())
+    assert all(v.dtype == torch.float32 for v in st["teacher"].values())
 
 
 @pytest.mark.slow
