@@ -134,6 +134,8 @@ def _ema_checks(rank: int) -> dict:
     out["teacher_unchanged"] = all(torch.equal(before[n], p.to_local()) for n, p in teacher.named_parameters())
     with pytest.raises(ValueError, match="one side is sharded"):
         TeacherEMA(flat_t, student)
+    with pytest.raises(ValueError, match="backend='triton' needs one flat buffer per side"):
+        TeacherEMA(teacher, student, backend="triton")
     out["mixed_error"] = True
     return out
 
