@@ -345,3 +345,26 @@ def test_fsdp_param_dtype():
     assert fsdp_param_dtype("fp32", "bf16") is None
     with pytest.raises(ValueError, match="got 'fp16'"):
         fsdp_param_dtype("fp16", "bf16")
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_with_knn_evaluation(data_root, tmp_path):
+    """The command line under torchrun with train.sharding=fsdp: training, the gathered teacher
+    export, and rank 0's k-NN evaluation on the unsharded copy (Trainer.eval_backbone)."""
+    from tests._train_utils import write_config
+    from tests.reliability.test_distributed import run, torchrun
+
+    out = tmp_path / "cli"
+    cfg = write_config(_cfg(data_root, out, "train.sharding=fsdp", "train.max_iters=3", "eval.knn_after_training=true",
+                            f"data.val_root={data_root}", "eval.linear_after_training=false", "eval.image_size=32",
+                            "eval.resize_size=36", "eval.knn_k=[5]", "eval.batch_size=8",
+                            "eval.compare_random_init=false"), tmp_path / "cli.yaml")
+    proc = run(torchrun(["--standalone", "--nproc_per_node", "2"], cfg))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "FSDP: student and teacher sharded over 2 ranks" in proc.stderr
+    knn = json.loads((out / "knn.json").read_text())
+    assert 0 <= knn["teacher"]["5"]["top1"] <= 100
+    exported = torch.load(out / "teacher_backbone.pth", weights_only=True)
+    final = ck.load_checkpoint(out / "checkpoint.pth")["teacher"]
+    assert sorted(exported) == sorted(k[len("backbone."):] for k in final if k.startswith("backbone."))
+    assert all(torch.equal(v, final[f"backbone.{k}"]) for k, v in exported.items())
