@@ -210,6 +210,8 @@ def test_fsdp_matches_ddp(runs):
     fa, fb = ck.load_checkpoint(root / "fsdp" / "checkpoint.pth"), ck.load_checkpoint(root / "ddp" / "checkpoint.pth")
     ta, tb = _tensors(fa), _tensors(fb)
     assert sorted(ta) == sorted(tb)
+    # the DDP wrapper is not method state (it held the student a second time, _student_forward.*)
+    assert sorted(fb["method"]["state"]) == sorted(fa["method"]["state"]) == ["dino_loss.center"]
     for k in tb:
         _close(ta[k].float(), tb[k].float(), k)
     assert fa["iteration"] == fb["iteration"] == ITERS
