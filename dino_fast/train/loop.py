@@ -11,6 +11,10 @@ One iteration (docs/DESIGN.md, "The training step"):
 
 The trainer imports no method: :func:`dino_fast.methods.build_method` builds ``method.name``.
 
+Data parallelism: DDP by default when distributed; ``train.sharding=fsdp`` shards student and
+teacher with ``fully_shard`` instead (:mod:`dino_fast.train.fsdp`; checkpoints keep the
+non-sharded format, docs/DESIGN.md "Sharded training (FSDP)").
+
 Exact resume: every iteration reseeds its random streams from (seed, rank, iteration), the
 loader's order is a function of (seed, epoch), and checkpoints hold everything else (weights,
 optimizer, grad scaler, loss center, position, RNG states), so a run stopped anywhere and

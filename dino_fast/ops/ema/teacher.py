@@ -439,7 +439,10 @@ class TeacherEMA:
             :class:`NonFiniteEMAError` naming the first offending tensor and element instead of
             averaging NaN/inf into the teacher. Off by default (the drop-in behaviour).
 
-    After construction every teacher tensor is a view into :attr:`teacher_buffer`
+    With ``DTensor`` parameters (FSDP2) the sharded path of the module doc runs instead
+    (:attr:`sharded` is True; no flat buffers; same momentum checks and ``check_finite``
+    contract, the flag agreed by every rank). Otherwise, after construction every teacher
+    tensor is a view into :attr:`teacher_buffer`
     (float32, shape ``(numel,)``) and every student tensor a view into
     :attr:`student_buffer`, in ``named_parameters()`` order (then floating buffers).
     :attr:`rebind_count` counts the updates that found replaced tensors and re-packed them (0 in a
