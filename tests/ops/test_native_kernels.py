@@ -66,7 +66,11 @@ def test_dino_kernel_matches_float64(B, K, ncrops, n_teacher, dtype, kind):
     ref_loss, ref_g = _ref_dino(S, T, c, ncrops, n_teacher, w, 0.1, 0.04)
     tol = TOL[dtype]
     if K == 1:
-        assert abs(loss.item()) < 1e-6 and G.abs().max().item() < 1e-6
+        # one class: the loss is 0 exactly, computed as lse - <q, s / tau> from two fp32 roundings
+        # of logits up to |s / tau| ~ 150, so the bound scales with them: over 3000 seeds the worst
+        # |loss| / (1 + max|s / tau|) was 1.09e-7 (a flat 1e-6 failed one seed in ~1000)
+        scale = 1.0 + S.abs().max().item() / 0.1
+        assert abs(loss.item()) < 4e-7 * scale and G.abs().max().item() < 1e-6, (loss.item(), scale)
     else:
         assert rel(loss, ref_loss) < 1e-6, (loss.item(), ref_loss.item())
         assert rel(G, ref_g) < tol
