@@ -241,6 +241,8 @@ def _report(p: dict[str, Any]) -> None:
 
         print("\nEnd-to-end step (bf16 autocast both sides)")
         _print_rows(p["step"])
+        for r in p["step"]:
+            print(f"host syncs in one Trainer step ({r['setup']}): {r.get('host_syncs_per_step_trainer')}")
     if p.get("errors"):
         print(f"\nparts that failed: {p['errors']}")
 

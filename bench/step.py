@@ -421,6 +421,27 @@ def count_flops(fn: Callable[[], Any]) -> int:
     return int(counter.get_total_flops())
 
 
+def count_host_syncs(fn: Callable[[], Any], device: str) -> Optional[int]:
+    """Host-device synchronisations in one call of ``fn`` on CUDA, counted with
+    ``torch.cuda.set_sync_debug_mode("warn")`` (one warning per synchronising call: ``.item()``,
+    ``.tolist()``, a device-to-host copy, ``nonzero``; an explicit ``torch.cuda.synchronize()`` is
+    not counted). ``None`` on CPU: there is no device for the host to wait on. The debug mode is
+    restored afterwards."""
+    if device != "cuda":
+        return None
+    import warnings
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+
+
 def peak_matmul_flops(device: str, dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
                       n: Optional[int] = None, repeats: int = 5) -> dict[str, float]:
     """The device's dense-matmul throughput in FLOP/s per dtype: the best of ``repeats`` square
@@ -567,6 +588,10 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
         c_ratios = [a / b for a, b in zip(rc["total"], phase_times["trainer"]["total"])]
         row["trainer_speedup_vs_compiled_reference"] = statistics.median(c_ratios)
         row["first_loss_reference_compiled"] = first_losses["reference_compiled"]
+    # what the Trainer's step waits for on the host (CUDA only; the design has one: the loss and
+    # finite-check read before backward)
+    row["host_syncs_per_step_trainer"] = count_host_syncs(
+        functools.partial(trainer.trainer.step_on_crops, list(crops), EPOCH, 0), setup.device)
     if peaks is not None:
         flops = count_flops(functools.partial(ours.step, crops, seed=0))
         add_flop_rates(row, flops, peaks, "bfloat16" if setup.autocast == "bf16" else "float32",

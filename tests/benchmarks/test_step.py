@@ -107,6 +107,14 @@ def test_count_flops_and_peak() -> None:
     assert set(peaks) == {"float32", "bfloat16"} and all(v > 0 for v in peaks.values())
 
 
+def test_count_host_syncs_is_none_on_cpu_and_leaves_fn_uncalled() -> None:
+    """On CPU there is no device for the host to wait on: the count is None, and the step is not
+    run for nothing."""
+    calls: list[int] = []
+    assert bstep.count_host_syncs(lambda: calls.append(1), "cpu") is None
+    assert calls == []
+
+
 @pytest.mark.slow
 def test_compiled_reference_side_computes_the_same_step() -> None:
     """The official step under torch.compile (the row a user would pick instead) gives the eager
