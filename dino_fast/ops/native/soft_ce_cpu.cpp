@@ -80,7 +80,7 @@ inline v16 vexp(v16 x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
-  const v16 y = p * reinterpret_cast<const v16&>(e);
+  const v16 y = p * (v16)e;  // a cast between vector types of one size reinterprets the bits (no aliasing)
   return under ? splat(0.0f) : y;
 }
 
@@ -93,7 +93,7 @@ void to_f32(const void* src, int dt, int64_t n, int64_t np, float* dst) {
       v16s u;
       memcpy(&u, s + k, sizeof(u));
       const v16u b = __builtin_convertvector(u, v16u) << 16;
-      storeu(dst + k, reinterpret_cast<const v16&>(b));
+      storeu(dst + k, (v16)b);
     }
     for (; k < n; ++k) {
       const uint32_t b = static_cast<uint32_t>(s[k]) << 16;
@@ -116,7 +116,7 @@ void to_f32(const void* src, int dt, int64_t n, int64_t np, float* dst) {
 
 // Round a vector to bf16 (nearest even; NaN stays a quiet NaN).
 inline v16s to_bf16(v16 v) {
-  const v16u b = reinterpret_cast<const v16u&>(v);
+  const v16u b = (v16u)v;
   v16u r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
   const v16i nan = v != v;
   r = nan ? v16u{} + 0x7FC0u : r;
@@ -157,7 +157,7 @@ inline v16 load16(const void* row, int dt, int64_t k, int cnt) {
       v16s u;
       memcpy(&u, static_cast<const uint16_t*>(row) + k, sizeof(u));
       const v16u b = __builtin_convertvector(u, v16u) << 16;
-      return reinterpret_cast<const v16&>(b);
+      return (v16)b;
     }
     v16h h;
     memcpy(&h, static_cast<const _Float16*>(row) + k, sizeof(h));
@@ -233,9 +233,53 @@ pthread_mutex_t g_lock = PTHREAD_MUTEX_INITIALIZER;
 std::vector<ThreadBuffers> g_buffers;
 ThreadBuffers g_center;
 
-// The padded center (Kp floats, zeros past K) in g_center.
-const float* padded_center(const float* c, int64_t K, int64_t Kp) {
-  float* p = g_center.get(static_cast<size_t>(Kp));
+// Holds g_lock for the whole of one call of an entry point that uses the shared scratch.
+struct CallLock {
+  CallLock() { pthread_mutex_lock(&g_lock); }
+  ~CallLock() { pthread_mutex_unlock(&g_lock); }
+  CallLock(const CallLock&) = delete;
+  CallLock& operator=(const CallLock&) = delete;
+};
+
+// The thread count for n work items: at least 1, at most 256 (the partial sums' arrays) and n.
+int clamp_threads(int nthreads, int64_t n) {
+  if (nthreads > 256) nthreads = 256;
+  if (nthreads > n) nthreads = static_cast<int>(n);
+  return nthreads < 1 ? 1 : nthreads;
+}
+
+// Scratch of `per` floats for each of nthreads workers (g_buffers, kept between calls). With
+// csum_at >= 0 the Kp floats at that offset, a worker's private column sum, are zeroed for
+// every worker, also those the pool does not start. False on allocation failure.
+bool worker_buffers(int nthreads, size_t per, int64_t csum_at, int64_t Kp) {
+  try {
+    if (static_cast<int>(g_buffers.size()) < nthreads) g_buffers.resize(nthreads);
+    for (int i = 0; i < nthreads; ++i) g_buffers[i].get(per);
+  } catch (...) {
+    return false;
+  }
+  if (csum_at >= 0)
+    for (int i = 0; i < nthreads; ++i) memset(g_buffers[i].data.data() + csum_at, 0, Kp * sizeof(float));
+  return true;
+}
+
+// colsum[k] = the sum over the nthreads workers of their private column sums (offset csum_at).
+void reduce_colsum(float* colsum, int64_t K, int nthreads, int64_t csum_at) {
+  for (int64_t k = 0; k < K; ++k) {
+    float s = 0.f;
+    for (int i = 0; i < nthreads; ++i) s += g_buffers[i].data[static_cast<size_t>(csum_at + k)];
+    colsum[k] = s;
+  }
+}
+
+// A padded copy of c (Kp floats, zeros past K) in g_center; nullptr on allocation failure.
+const float* padded_copy(const float* c, int64_t K, int64_t Kp) {
+  float* p;
+  try {
+    p = g_center.get(static_cast<size_t>(Kp));
+  } catch (...) {
+    return nullptr;
+  }
   memcpy(p, c, K * sizeof(float));
   for (int64_t k = K; k < Kp; ++k) p[k] = 0.f;
   return p;
@@ -284,32 +328,17 @@ DFN_EXPORT int dfn_soft_ce_fwd(const void* S, int64_t s_stride, int s_dt, const 
                     const float* c, int64_t B, int64_t K, int ncrops, int NT, float inv_s, float inv_t,
                     const double* coef, const float* gscale, void* G, int64_t g_stride, int g_dt,
                     double* loss, float* lse, float* colsum, int nthreads) {
-  pthread_mutex_lock(&g_lock);
+  CallLock lock;
   const int64_t Kp = (K + W - 1) / W * W;
-  if (nthreads < 1) nthreads = 1;
-  if (nthreads > 256) nthreads = 256;
-  if (nthreads > B) nthreads = static_cast<int>(B);
+  nthreads = clamp_threads(nthreads, B);
   // per thread: NT teacher rows, the sum of all, the sum of others, e, x and t conversion
   // buffers, a private column sum
-  const size_t per = static_cast<size_t>(Kp) * (NT + 5 + 1);
-  try {
-    if (static_cast<int>(g_buffers.size()) < nthreads) g_buffers.resize(nthreads);
-    for (int i = 0; i < nthreads; ++i) g_buffers[i].get(per);
-  } catch (...) {
-    pthread_mutex_unlock(&g_lock);
-    return -1;
-  }
-  const float* cpad;
-  try {
-    cpad = padded_center(c, K, Kp);
-  } catch (...) {
-    pthread_mutex_unlock(&g_lock);
-    return -1;
-  }
+  const int64_t csum_at = Kp * (NT + 5);
+  if (!worker_buffers(nthreads, static_cast<size_t>(csum_at + Kp), csum_at, Kp)) return -1;
+  const float* cpad = padded_copy(c, K, Kp);
+  if (cpad == nullptr) return -1;
   double partial[256] = {0.0};
   const int64_t se = elem_size(s_dt), te = elem_size(t_dt), ge = elem_size(g_dt);
-  for (int i = 0; i < nthreads; ++i)  // every private column sum, also of threads the pool does not start
-    memset(g_buffers[i].data.data() + static_cast<size_t>(Kp) * (NT + 5), 0, Kp * sizeof(float));
   run_parallel(nthreads, B, [&](int ti, Range r) {
     float* base = g_buffers[ti].data.data();
     float* q = base;                           // NT x Kp
@@ -372,12 +401,7 @@ DFN_EXPORT int dfn_soft_ce_fwd(const void* S, int64_t s_stride, int s_dt, const 
   double total = 0.0;
   for (int i = 0; i < nthreads; ++i) total += partial[i];
   *loss = total;
-  for (int64_t k = 0; k < K; ++k) {
-    float s = 0.f;
-    for (int i = 0; i < nthreads; ++i) s += g_buffers[i].data[static_cast<size_t>(Kp) * (NT + 5) + k];
-    colsum[k] = s;
-  }
-  pthread_mutex_unlock(&g_lock);
+  reduce_colsum(colsum, K, nthreads, csum_at);
   return 0;
 }
 
@@ -388,30 +412,15 @@ DFN_EXPORT int dfn_patch_ce_fwd(const void* S, int64_t s_stride, int s_dt, const
                      const float* c, const float* w, int64_t rows, int64_t K, float inv_s, float inv_t,
                      void* G, int64_t g_stride, int g_dt, double* loss, float* lse, float* colsum,
                      int nthreads) {
-  pthread_mutex_lock(&g_lock);
+  CallLock lock;
   const int64_t Kp = (K + W - 1) / W * W;
-  if (nthreads < 1) nthreads = 1;
-  if (nthreads > 256) nthreads = 256;
-  if (nthreads > rows) nthreads = static_cast<int>(rows > 0 ? rows : 1);
-  const size_t per = static_cast<size_t>(Kp) * 5;  // q, e, x, t, colsum
-  try {
-    if (static_cast<int>(g_buffers.size()) < nthreads) g_buffers.resize(nthreads);
-    for (int i = 0; i < nthreads; ++i) g_buffers[i].get(per);
-  } catch (...) {
-    pthread_mutex_unlock(&g_lock);
-    return -1;
-  }
-  const float* cpad;
-  try {
-    cpad = padded_center(c, K, Kp);
-  } catch (...) {
-    pthread_mutex_unlock(&g_lock);
-    return -1;
-  }
+  nthreads = clamp_threads(nthreads, rows);
+  const int64_t csum_at = Kp * 4;  // per thread: q, e, x, t, then the private column sum
+  if (!worker_buffers(nthreads, static_cast<size_t>(csum_at + Kp), csum_at, Kp)) return -1;
+  const float* cpad = padded_copy(c, K, Kp);
+  if (cpad == nullptr) return -1;
   double partial[256] = {0.0};
   const int64_t se = elem_size(s_dt), te = elem_size(t_dt), ge = elem_size(g_dt);
-  for (int i = 0; i < nthreads; ++i)
-    memset(g_buffers[i].data.data() + static_cast<size_t>(Kp) * 4, 0, Kp * sizeof(float));
   run_parallel(nthreads, rows, [&](int ti, Range r) {
     float* q = g_buffers[ti].data.data();
     float* e = q + Kp;
@@ -435,14 +444,7 @@ DFN_EXPORT int dfn_patch_ce_fwd(const void* S, int64_t s_stride, int s_dt, const
   double total = 0.0;
   for (int i = 0; i < nthreads; ++i) total += partial[i];
   *loss = total;
-  if (colsum) {
-    for (int64_t k = 0; k < K; ++k) {
-      float s = 0.f;
-      for (int i = 0; i < nthreads; ++i) s += g_buffers[i].data[static_cast<size_t>(Kp) * 4 + k];
-      colsum[k] = s;
-    }
-  }
-  pthread_mutex_unlock(&g_lock);
+  if (colsum) reduce_colsum(colsum, K, nthreads, csum_at);
   return 0;
 }
 
@@ -526,22 +528,12 @@ DFN_EXPORT int dfn_sk_col_sumexp(const void* T, int64_t t_stride, int t_dt, int6
 // (fp32 rows of stride o_stride) for the v given.
 DFN_EXPORT int dfn_sk_rows(const void* T, int64_t t_stride, int t_dt, int64_t R, int64_t K, float inv_t,
                            const float* u, float* v, float log_n, float* out, int64_t o_stride, int nthreads) {
-  pthread_mutex_lock(&g_lock);
+  CallLock lock;
   const int64_t Kp = (K + W - 1) / W * W;
-  if (nthreads < 1) nthreads = 1;
-  if (nthreads > 256) nthreads = 256;
-  if (nthreads > R) nthreads = static_cast<int>(R > 0 ? R : 1);
-  float* upad;
-  try {
-    if (static_cast<int>(g_buffers.size()) < nthreads) g_buffers.resize(nthreads);
-    for (int i = 0; i < nthreads; ++i) g_buffers[i].get(static_cast<size_t>(Kp));
-    upad = g_center.get(static_cast<size_t>(Kp));
-  } catch (...) {
-    pthread_mutex_unlock(&g_lock);
-    return -1;
-  }
-  memcpy(upad, u, K * sizeof(float));
-  for (int64_t k = K; k < Kp; ++k) upad[k] = 0.f;
+  nthreads = clamp_threads(nthreads, R);
+  if (!worker_buffers(nthreads, static_cast<size_t>(Kp), -1, Kp)) return -1;  // a row's conversion buffer
+  const float* upad = padded_copy(u, K, Kp);
+  if (upad == nullptr) return -1;
   const int64_t te = elem_size(t_dt);
   run_parallel(nthreads, R, [&](int ti, Range rg) {
     float* buf = g_buffers[ti].data.data();
@@ -569,7 +561,6 @@ DFN_EXPORT int dfn_sk_rows(const void* T, int64_t t_stride, int t_dt, int64_t R,
       }
     }
   });
-  pthread_mutex_unlock(&g_lock);
   return 0;
 }
 
