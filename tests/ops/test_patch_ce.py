@@ -108,12 +108,16 @@ def test_sinkhorn_style_targets_and_large_logits():
     s64 = S.double().requires_grad_()
     ref = patch_ce_reference(s64, logq.double(), zero.double(), w.double(), student_temp=TAU_S, teacher_temp=1.0)
     ref.backward()
+    # the Triton kernel rounds s / tau_s (here up to ~1300) in fp32 before exp, so its gradient
+    # error scales with eps * max|s / tau_s|: over 200 seeds the worst was 3.0e-5 (torch's
+    # log_softmax path 3.2e-7), against 1.5e-4 for eps * max|s / tau_s|; a flat 1e-5 failed a CI run
+    grad_tol = {"torch": 1e-5, "triton": max(1e-5, torch.finfo(torch.float32).eps * S.abs().max().item() / TAU_S)}
     for backend in ("torch", "triton"):
         s = S.clone().requires_grad_()
         loss = patch_ce_loss(s, logq, zero, w, student_temp=TAU_S, teacher_temp=1.0, backend=backend)
         loss.backward()
         assert torch.isfinite(loss) and rel(loss.detach(), ref.detach()) < 1e-5, backend
-        assert rel(s.grad, s64.grad) < 1e-5, backend
+        assert rel(s.grad, s64.grad) < grad_tol[backend], (backend, rel(s.grad, s64.grad), grad_tol[backend])
 
 
 def test_zero_rows_and_zero_weights():
