@@ -72,7 +72,9 @@ def test_dino_kernel_matches_float64(B, K, ncrops, n_teacher, dtype, kind):
         scale = 1.0 + S.abs().max().item() / 0.1
         assert abs(loss.item()) < 4e-7 * scale and G.abs().max().item() < 1e-6, (loss.item(), scale)
     else:
-        assert rel(loss, ref_loss) < 1e-6, (loss.item(), ref_loss.item())
+        # fp32 sums over K in 16 lanes and lse - <q, s / tau> cancel: the worst of 60-150 seeds per
+        # case was 6.7e-7, and one CI seed (78309948) gave 1.28e-6 at K = 65536, B = 1
+        assert rel(loss, ref_loss) < 4e-6, (loss.item(), ref_loss.item())
         assert rel(G, ref_g) < tol
     assert loss.dtype == lse.dtype == colsum.dtype == torch.float32
     assert rel(lse, torch.logsumexp(S.double() / 0.1, dim=-1)) < 1e-6
