@@ -78,6 +78,16 @@ def test_kernels_match_float64_reference_with_poisoned_gradient(R, K, dtype):
     assert rel(tz, torch.exp(x - x.amax(-1, keepdim=True)).sum(-1)) < 1e-5
 
 
+def _loss_close(loss: torch.Tensor, ref: torch.Tensor, S: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> bool:
+    """|loss - ref| within TOL relative plus, below fp64, a few fp32 eps of the terms that cancel:
+    the loss is sum_r w_r (lse_r - <q_r, s_r / tau_s>), terms of size ~max|s| / tau_s, so a small
+    loss (0.059 at K = 7) shows their absolute rounding as a large relative error (1.7e-5 failed
+    a fresh-clone CI run at 1e-5 flat)."""
+    slack = 0.0 if dtype == torch.float64 else (
+        8 * torch.finfo(torch.float32).eps * S.double().abs().max().item() / TAU_S * max(1.0, w.abs().sum().item()))
+    return abs(float(loss) - float(ref)) <= TOL[dtype] * abs(float(ref)) + slack
+
+
 @pytest.mark.parametrize("R,K,dtype", CASES + [(17, 3001, torch.float64)])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_autograd_backends_match_float64_reference(backend, R, K, dtype):
@@ -92,7 +102,7 @@ def test_autograd_backends_match_float64_reference(backend, R, K, dtype):
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert s.grad.dtype == dtype and torch.isfinite(s.grad).all()
     if K > 1:
-        assert rel(loss.detach(), ref_loss) < TOL[dtype]
+        assert _loss_close(loss.detach(), ref_loss, S, w, dtype), (loss.item(), ref_loss.item())
         assert rel(s.grad, up * ref_g) < TOL[dtype]
     assert rel(colsum, T.double().sum(0)) < (1e-12 if dtype == torch.float64 else 1e-6)
     assert torch.equal(S, s.detach())  # inputs untouched
