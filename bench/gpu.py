@@ -19,7 +19,9 @@ with TF32 off for fp32 matmuls so fp32 means fp32:
   images per second (the design runs it on the training device, after the loader);
 - step: the end-to-end DINO step of bench/step.py (the official step eager and under
   ``torch.compile``, dino-fast phase by phase, the Trainer's own step; bf16 autocast on every
-  side), ViT-S/16, 2 x 224 + 10 x 96, with FLOPs per step and achieved / measured peak.
+  side), ViT-S/16, 2 x 224 + 10 x 96, with FLOPs per step and achieved / measured peak; and the
+  Trainer's step with each lever of :data:`TRAINER_LEVERS` on (``torch.compile`` of the blocks,
+  the same with CUDA graphs, packed multi-crop attention), each against the step without it.
 
 Writes bench/results/gpu.json (the README's GPU table is generated from it by bench/report.py).
 Not part of ``bench all``, which runs on any machine; without CUDA it exits with a message.
@@ -166,9 +168,28 @@ def step_rows(quick: bool) -> list[dict[str, Any]]:
     peaks = step_suite.peak_matmul_flops("cuda")
     print("  dense matmul peak: " + ", ".join(f"{k} {v / 1e12:.0f} TFLOP/s" for k, v in peaks.items()), flush=True)
     setup = step_suite.StepSetup(arch="vit_small", batch=batch, n_local=10, device="cuda", autocast="bf16")
-    print(f"  measuring {setup.label()} ({rounds} rounds)...", flush=True)
+    print(f"  measuring {setup.label()} ({rounds} rounds; levers: {', '.join(n for n, _ in TRAINER_LEVERS)})...",
+          flush=True)
+    levers = [(n, o) for n, o in TRAINER_LEVERS if n != "trainer_packed_attention" or _xformers_ok()]
     return [step_suite.bench_setup(setup, rounds=rounds, warmup=warmup, optimizer_repeats=3, peaks=peaks,
-                                   compiled_reference=True)]
+                                   compiled_reference=True, trainer_variants=levers)]
+
+
+# the Trainer's step with one lever on, each against the same step with it off (issue 19)
+TRAINER_LEVERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("trainer_compile", ("model.compile=true",)),  # torch.compile of every block (inductor)
+    ("trainer_cudagraphs", ("model.compile=true", "model.compile_mode=reduce-overhead")),  # + CUDA graphs
+    ("trainer_packed_attention", ("model.fused_multicrop_attention=true",)),  # one xformers call, all crops
+)
+
+
+def _xformers_ok() -> bool:
+    from dino_fast.models.attention import xformers_status
+
+    ok, reason = xformers_status()
+    if not ok:
+        print(f"  trainer_packed_attention skipped: {reason}", flush=True)
+    return ok
 
 
 def run(quick: bool = False) -> dict[str, Any]:

@@ -285,10 +285,12 @@ class TrainerSide:
 
     Args:
         setup: shapes. state_dict: initial weights (student and teacher). workdir: a folder for
-            the Trainer's (unused) image folder and output directory.
+            the Trainer's (unused) image folder and output directory. extra: more config
+            overrides (a lever measured on and off, e.g. ``model.compile=true``).
     """
 
-    def __init__(self, setup: StepSetup, state_dict: dict[str, torch.Tensor], workdir: str) -> None:
+    def __init__(self, setup: StepSetup, state_dict: dict[str, torch.Tensor], workdir: str,
+                 extra: Sequence[str] = ()) -> None:
         from pathlib import Path
 
         from PIL import Image
@@ -317,6 +319,7 @@ class TrainerSide:
         ]
         if setup.depth is not None:
             overrides.append(f"model.depth={setup.depth}")
+        overrides += list(extra)
         self.setup = setup
         self.trainer = Trainer(load_config(None, overrides))
         self.trainer.method.student.load_state_dict(state_dict)
@@ -488,9 +491,15 @@ def _apex_installed() -> bool:
 
 def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Optional[str] = None,
                 optimizer_repeats: int = 3, compiled_reference: bool = True,
-                peaks: Optional[dict[str, float]] = None) -> dict[str, Any]:
+                peaks: Optional[dict[str, float]] = None,
+                trainer_variants: Sequence[tuple[str, Sequence[str]]] = ()) -> dict[str, Any]:
     """Measure one setup: optimizer variants, then interleaved reference / dino-fast / Trainer
     steps (and the reference under ``torch.compile`` when ``compiled_reference``).
+
+    ``trainer_variants``: ``(name, overrides)`` pairs, each another Trainer built with those
+    config overrides on top (a lever on: ``("trainer_compile", ["model.compile=true"])``),
+    interleaved with the other sides and reported under ``row["trainer_variants"][name]``
+    against the plain Trainer step (the lever off) of the same rounds.
 
     ``ours_optimizer=None`` picks the faster of ``foreach`` and ``fused`` from the variant timings.
     ``peaks``: the device's measured matmul FLOP/s per dtype (:func:`peak_matmul_flops`), for the
@@ -520,6 +529,10 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
     sides: tuple[tuple[str, Any], ...] = (("reference", ref), ("ours", ours), ("trainer", trainer))
     if compiled_reference:
         sides += (("reference_compiled", StepSide(setup, "reference", sd, compiled=True)),)
+    for i, (vname, extra) in enumerate(trainer_variants):
+        if vname in dict(sides) or not vname.startswith("trainer_"):
+            raise ValueError(f"trainer variant names must start with 'trainer_' and be unique, got {vname!r}")
+        sides += ((vname, TrainerSide(setup, sd, os.path.join(tmp.name, f"v{i}"), extra)),)
     first_losses = {}
     for i in range(warmup):
         for name, side in sides:
@@ -528,6 +541,8 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
     phase_times: dict[str, dict[str, list[float]]] = {
         n: {p: [] for p in PHASES + ("total",)} for n in ("reference", "ours")}
     phase_times["trainer"] = {"total": []}
+    for vname, _ in trainer_variants:
+        phase_times[vname] = {"total": []}
     if compiled_reference:
         phase_times["reference_compiled"] = {p: [] for p in PHASES + ("total",)}
     losses: dict[str, list[float]] = {name: [] for name, _ in sides}
@@ -588,6 +603,24 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
         c_ratios = [a / b for a, b in zip(rc["total"], phase_times["trainer"]["total"])]
         row["trainer_speedup_vs_compiled_reference"] = statistics.median(c_ratios)
         row["first_loss_reference_compiled"] = first_losses["reference_compiled"]
+    if trainer_variants:
+        row["trainer_variants"] = {}
+    for vname, extra in trainer_variants:
+        vt = phase_times[vname]["total"]
+        v_ratios = [a / b for a, b in zip(phase_times["trainer"]["total"], vt)]
+        row[vname] = {"total": statistics.median(vt)}  # beside the other sides (achieved FLOP/s)
+        row["trainer_variants"][vname] = {
+            "overrides": list(extra), "total": statistics.median(vt), "min": min(vt),
+            "images_per_s": setup.batch / statistics.median(vt),
+            "speedup_vs_trainer": statistics.median(v_ratios),
+            "speedup_vs_trainer_min_max": [min(v_ratios), max(v_ratios)],
+            "first_loss": first_losses[vname],
+            "loss_rel_diff_first_step": abs(first_losses["trainer"] - first_losses[vname])
+            / max(abs(first_losses["trainer"]), 1e-30),
+        }
+        if compiled_reference:
+            row["trainer_variants"][vname]["speedup_vs_compiled_reference"] = statistics.median(
+                [a / b for a, b in zip(phase_times["reference_compiled"]["total"], vt)])
     # what the Trainer's step waits for on the host (CUDA only; the design has one: the loss and
     # finite-check read before backward)
     row["host_syncs_per_step_trainer"] = count_host_syncs(
@@ -690,6 +723,13 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
             print(f"  {r['setup']}: official step under torch.compile (networks and loss, default mode): "
                   f"{r['reference_compiled']['total'] * 1e3:.1f} ms; the Trainer's step is "
                   f"{r['trainer_speedup_vs_compiled_reference']:.2f}x it")
+        for vname, v in r.get("trainer_variants", {}).items():
+            print(f"  {r['setup']}: {vname} ({' '.join(v['overrides'])}): {v['total'] * 1e3:.1f} ms, "
+                  f"{v['images_per_s']:.0f} images/s, {v['speedup_vs_trainer']:.2f}x the Trainer's step without it "
+                  f"(per-round {v['speedup_vs_trainer_min_max'][0]:.2f}-{v['speedup_vs_trainer_min_max'][1]:.2f}x)"
+                  + (f", {v['speedup_vs_compiled_reference']:.2f}x the compiled official step"
+                     if "speedup_vs_compiled_reference" in v else "")
+                  + f"; first-step loss rel. diff {v['loss_rel_diff_first_step']:.1e}")
         if "achieved" in r:
             cells = ", ".join(f"{side} {a['flops_per_s'] / 1e9:.0f} GFLOP/s ({100 * a['of_peak']:.1f} % of peak)"
                               for side, a in r["achieved"].items())

@@ -18,6 +18,10 @@ import yaml
 
 from dino_fast.models.registry import backbone_names
 
+# torch.compile modes for model.compile_mode; the ones that capture CUDA graphs (on CUDA devices)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")
+
 
 class ConfigError(ValueError):
     """A configuration file or override that does not match the schema."""
@@ -40,6 +44,10 @@ class ModelConfig:
     head_hidden_dim: int = 2048
     head_bottleneck_dim: int = 256
     compile: bool = False  # torch.compile the transformer blocks
+    # torch.compile mode of the blocks: default | reduce-overhead (inductor + CUDA graphs: every block
+    # and crop resolution replays a captured graph; CUDA, static shapes) | max-autotune (autotuned
+    # kernels + CUDA graphs) | max-autotune-no-cudagraphs. Only with model.compile=true.
+    compile_mode: str = "default"
 
 
 @dataclass
@@ -251,6 +259,10 @@ class TrainConfig:
             raise ConfigError(f"method.name must be a non-empty string, got {self.method.name!r}")
         _choice("model.arch", self.model.arch, backbone_names())
         _choice("model.attn_backend", self.model.attn_backend, ("auto", "xformers", "sdpa", "math"))
+        _choice("model.compile_mode", self.model.compile_mode, COMPILE_MODES)
+        if self.model.compile_mode != "default" and not self.model.compile:
+            raise ConfigError(f"model.compile_mode={self.model.compile_mode!r} needs model.compile=true (the mode "
+                              f"is how the blocks are compiled; with model.compile=false nothing is)")
         _choice("data.backend", self.data.backend, ("auto", "ffcv", "folder"))
         _choice("loss.centering", self.loss.centering, ("center", "sinkhorn_knopp"))
         _choice("loss.backend", self.loss.backend, ("auto", "triton", "torch", "cpu", "reference"))

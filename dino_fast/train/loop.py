@@ -52,7 +52,7 @@ import torch.distributed as torch_dist
 from torch import nn
 from tqdm import tqdm
 
-from dino_fast.config import ConfigError, TrainConfig, load_config
+from dino_fast.config import CUDA_GRAPH_COMPILE_MODES, ConfigError, TrainConfig, load_config
 from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_loader
 from dino_fast.data.builtin import ensure_builtin_dataset
 from dino_fast.eval.collapse import collapse_stats, diagnose
@@ -202,8 +202,12 @@ class Trainer:
         self.method: Method = build_method(cfg).to(self.device)
         self.method.set_autocast(lambda: autocast_context(self.device, self.precision))
         if cfg.model.compile:
+            mode = cfg.model.compile_mode
             for m in (self.method.student, self.method.teacher):
-                m.backbone.compile_blocks()
+                m.backbone.compile_blocks(**({} if mode == "default" else {"mode": mode}))
+        # CUDA graphs (model.compile_mode reduce-overhead / max-autotune): every step is a new
+        # cudagraph-trees generation, so the previous step's graph outputs may be overwritten
+        self._cudagraph_steps = cfg.model.compile and cfg.model.compile_mode in CUDA_GRAPH_COMPILE_MODES
         self.student_ddp: nn.Module = self.method.student
         self.fsdp = cfg.train.sharding == "fsdp"
         if self.fsdp:
@@ -520,6 +524,8 @@ class Trainer:
         (:meth:`train_step` sets them from the schedules first). Returns the total loss averaged
         over ranks; raises :class:`NonFiniteLossError` as :meth:`train_step` does."""
         cfg = self.cfg
+        if self._cudagraph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         out = self.method.forward_step(crops, epoch, it)
         loss = out.total()
         outputs = [t for t, _ in out.outputs.values()]

@@ -76,7 +76,8 @@ def test_reference_clip_matches_float64() -> None:
 
 def test_bench_setup_quick_row() -> None:
     peaks = {"float32": 1e11, "bfloat16": 2e11}
-    row = bstep.bench_setup(TINY, rounds=2, warmup=1, optimizer_repeats=1, compiled_reference=False, peaks=peaks)
+    row = bstep.bench_setup(TINY, rounds=2, warmup=1, optimizer_repeats=1, compiled_reference=False, peaks=peaks,
+                            trainer_variants=[("trainer_global_clip", ["optim.clip_mode=global"])])
     # FLOPs per step: counted once, the achieved rate per side is flops / median total
     assert row["flops_per_step"] > 0 and row["peak_flops_dtype"] == "float32"
     for side in ("reference", "ours", "trainer"):
@@ -95,6 +96,13 @@ def test_bench_setup_quick_row() -> None:
     assert row["loss_rel_diff_first_step_trainer"] < 1e-5
     assert row["trainer"]["total"] > 0 and row["images_per_s_trainer"] == pytest.approx(TINY.batch / row["trainer"]["total"])
     assert min(row["trainer_speedup_min_max"]) <= row["trainer_speedup"] <= max(row["trainer_speedup_min_max"])
+    # a lever measured on and off: another Trainer with the override, from the same weights
+    v = row["trainer_variants"]["trainer_global_clip"]
+    assert v["overrides"] == ["optim.clip_mode=global"] and v["loss_rel_diff_first_step"] < 1e-6
+    assert v["min"] <= v["total"] and v["images_per_s"] == pytest.approx(TINY.batch / v["total"])
+    assert min(v["speedup_vs_trainer_min_max"]) <= v["speedup_vs_trainer"] <= max(v["speedup_vs_trainer_min_max"])
+    assert "speedup_vs_compiled_reference" not in v
+    assert row["achieved"]["trainer_global_clip"]["flops_per_s"] == pytest.approx(row["flops_per_step"] / v["total"])
 
 
 def test_count_flops_and_peak() -> None:
@@ -162,3 +170,17 @@ def test_bad_arguments() -> None:
         bstep.make_optimizer([{"params": [torch.nn.Parameter(torch.zeros(1))]}], "lion")
     with pytest.raises(ValueError, match="rounds must be"):
         bstep.bench_setup(TINY, rounds=0, warmup=0)
+    with pytest.raises(ValueError, match="trainer variant names must start with 'trainer_'.*got 'compile'"):
+        bstep.bench_setup(TINY, rounds=1, warmup=0, optimizer_repeats=1, compiled_reference=False,
+                          trainer_variants=[("compile", ["model.compile=true"])])
+
+
+def test_gpu_step_levers_are_valid_configs() -> None:
+    """bench.gpu's Trainer levers load as configs (a typo would only show on a lent GPU)."""
+    from bench import gpu
+    from dino_fast.config import load_config
+
+    names = [n for n, _ in gpu.TRAINER_LEVERS]
+    assert len(set(names)) == len(names) and all(n.startswith("trainer_") for n in names)
+    for _, overrides in gpu.TRAINER_LEVERS:
+        load_config(None, list(overrides))

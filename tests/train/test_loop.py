@@ -215,3 +215,42 @@ def test_train_iterations_must_not_be_negative():
 
     with pytest.raises(ConfigError, match="train.iterations must be >= 0"):
         load_config(None, ["train.iterations=-1"])
+
+
+def test_compile_mode_reaches_the_blocks_and_cuda_graph_modes_mark_every_step(data_root, tmp_path, monkeypatch):
+    """model.compile_mode goes to torch.compile of every block of student and teacher; with a
+    CUDA-graph mode each step starts a new cudagraph-trees generation (the previous step's graph
+    outputs are dead). The compile itself runs with the eager backend here (inductor's C++ compile
+    takes minutes on 2 cores, CUDA graphs need a GPU): the losses match the uncompiled run's."""
+    from dino_fast.models.vit import VisionTransformer
+
+    seen: list[dict] = []
+    original = VisionTransformer.compile_blocks
+
+    def recording(self, **kw):
+        seen.append(dict(kw))
+        original(self, backend="eager")
+
+    marks = []
+    monkeypatch.setattr(VisionTransformer, "compile_blocks", recording)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    Trainer(tiny_config(data_root, tmp_path / "eager", "train.max_iters=3")).fit()
+    assert seen == [] and marks == []
+    Trainer(tiny_config(data_root, tmp_path / "graphs", "train.max_iters=3", "model.compile=true",
+                        "model.compile_mode=reduce-overhead")).fit()
+    assert seen == [{"mode": "reduce-overhead"}] * 2 and len(marks) == 3
+    Trainer(tiny_config(data_root, tmp_path / "default", "train.max_iters=3", "model.compile=true")).fit()
+    assert seen[2:] == [{}, {}] and len(marks) == 3  # the default mode captures no graphs
+    eager, graphs = read_losses(tmp_path / "eager"), read_losses(tmp_path / "graphs")
+    assert sorted(graphs) == [0, 1, 2]
+    for i in range(3):
+        assert graphs[i] == pytest.approx(eager[i], rel=1e-5, abs=1e-6)
+
+
+def test_compile_mode_is_checked():
+    from dino_fast.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"model.compile_mode='reduce-overhead' needs model.compile=true"):
+        load_config(None, ["model.compile_mode=reduce-overhead"])
+    with pytest.raises(ConfigError, match=r"model.compile_mode must be one of .*got 'graphs'"):
+        load_config(None, ["model.compile=true", "model.compile_mode=graphs"])
