@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from dino_fast.config import TrainConfig
 from dino_fast.models.registry import create_backbone
 
-__all__ = ["LossTerm", "StepOutput", "BatchInfo", "Method", "build_backbone"]
+__all__ = ["LossTerm", "StepOutput", "BatchInfo", "Method", "build_backbone", "head_collapse_inputs"]
 
 _WRAPPER_PREFIX = "_student_forward."
 
@@ -225,6 +225,22 @@ class Method(nn.Module):
 
     def extra_repr(self) -> str:  # noqa: D102
         return f"name={self.name!r}"
+
+
+def head_collapse_inputs(out: StepOutput, loss: nn.Module, epoch: int, *, teacher_key: str = "teacher_output",
+                         student_key: str = "student_output", features: Optional[Tensor] = None) -> dict[str, Any]:
+    """:meth:`Method.collapse_inputs` of a DINO-style head: the teacher and student logits
+    ``out.outputs[teacher_key][0]`` / ``[student_key][0]`` (``[rows, K]``, detached), the
+    :class:`~dino_fast.losses.dino.DINOLoss`-like ``loss``'s center (``[1, K]``), its teacher
+    temperature at ``epoch`` and its student temperature, and the teacher's backbone features
+    ``[rows, D]`` when given (the feature-collapse checks)."""
+    inputs = {"teacher_logits": out.outputs[teacher_key][0].detach(),
+              "student_logits": out.outputs[student_key][0].detach(),
+              "center": loss.center, "teacher_temp": loss.teacher_temp_at(epoch),
+              "student_temp": loss.student_temp}
+    if features is not None:
+        inputs["features"] = features.detach()
+    return inputs
 
 
 def build_backbone(cfg: TrainConfig, *, teacher: bool, **extra: Any) -> nn.Module:

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from dino_fast.config import TrainConfig
 from dino_fast.losses.dino import DINOLoss
 from dino_fast.losses.koleo import koleo_loss
-from dino_fast.methods.base import LossTerm, Method, StepOutput, build_backbone
+from dino_fast.methods.base import LossTerm, Method, StepOutput, build_backbone, head_collapse_inputs
 from dino_fast.methods.registry import register_method
 from dino_fast.models.heads import DINOHead
 from dino_fast.models.multicrop import MultiCropWrapper
@@ -94,11 +94,7 @@ class DINO(Method):
     def collapse_inputs(self, out: StepOutput, epoch: int) -> Optional[dict[str, Any]]:
         """Teacher and student head outputs of the step, the loss center, the temperatures and
         the teacher's backbone CLS features (see :meth:`Method.collapse_inputs`)."""
-        return {"teacher_logits": out.outputs["teacher_output"][0].detach(),
-                "student_logits": out.outputs["student_output"][0].detach(),
-                "center": self.dino_loss.center, "teacher_temp": self.dino_loss.teacher_temp_at(epoch),
-                "student_temp": self.dino_loss.student_temp,
-                "features": self._last_teacher_features.detach()}
+        return head_collapse_inputs(out, self.dino_loss, epoch, features=self._last_teacher_features)
 
     def scalars(self, epoch: int, it: int) -> dict[str, float]:
         """The teacher temperature of ``epoch`` (logged beside the loss terms)."""

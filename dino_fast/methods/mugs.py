@@ -47,7 +47,7 @@ from dino_fast.losses.dino import DINOLoss
 from dino_fast.losses.infonce import QueueInfoNCE
 from dino_fast.losses.koleo import koleo_loss
 from dino_fast.losses.mugs import mugs_crop_weights, mugs_loss_scales
-from dino_fast.methods.base import LossTerm, Method, StepOutput, build_backbone
+from dino_fast.methods.base import LossTerm, Method, StepOutput, build_backbone, head_collapse_inputs
 from dino_fast.methods.registry import register_method
 from dino_fast.models.heads import DINOHead
 from dino_fast.models.mugs import MugsMemory, MugsNetwork
@@ -190,13 +190,8 @@ class Mugs(Method):
         """The group head's teacher and student logits, its center (zero, unused, with
         Sinkhorn-Knopp targets) and temperatures, and the teacher's backbone CLS features
         (``[n_teacher*B, D]``, for the feature-collapse checks)."""
-        out_ = {"teacher_logits": out.outputs["teacher_group"][0].detach(),
-                "student_logits": out.outputs["student_group"][0].detach(),
-                "center": self.group_loss.center, "teacher_temp": self.group_loss.teacher_temp_at(epoch),
-                "student_temp": self.group_loss.student_temp}
-        if self._last_teacher_features is not None:
-            out_["features"] = self._last_teacher_features.detach()
-        return out_
+        return head_collapse_inputs(out, self.group_loss, epoch, teacher_key="teacher_group",
+                                    student_key="student_group", features=self._last_teacher_features)
 
     def scalars(self, epoch: int, it: int) -> dict[str, float]:
         """The group loss's teacher temperature of ``epoch``."""

@@ -12,8 +12,8 @@ from dino_fast.config import ConfigError, load_config
 from dino_fast.losses.sinkhorn import sinkhorn_knopp_targets
 from dino_fast.reference.sinkhorn import sinkhorn_knopp_reference
 from dino_fast.train.loop import Trainer
+from tests._dist_utils import free_port
 from tests._train_utils import tiny_config
-from tests.reliability.test_distributed import free_port
 
 
 @pytest.mark.parametrize("rows,K,tau", [(2, 3, 0.1), (8, 64, 0.04), (64, 1000, 0.07), (5, 7, 1.0)])

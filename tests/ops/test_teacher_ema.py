@@ -11,8 +11,6 @@ from __future__ import annotations
 import gc
 import io
 import math
-import socket
-import time
 from datetime import timedelta
 
 import pytest
@@ -22,6 +20,7 @@ from torch import nn
 
 from dino_fast.ops.ema.teacher import TeacherEMA, ema_update_
 from dino_fast.reference.ema import reference_ema_update_
+from tests._dist_utils import free_port, spawn_ranks
 
 MOMENTA = [0.5, 0.996, 0.9999, 1.0]
 TOL = 1e-6
@@ -565,28 +564,10 @@ def _ddp_checks(rank: int, world_size: int, wrap: str) -> None:
                for p in ddp.module.parameters())
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("world_size,wrap", [(1, "wrapper"), (2, "wrapper"), (2, "module"), (2, "ema_first")])
 def test_ddp_gloo(world_size: int, wrap: str) -> None:
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(_ddp_worker, args=(world_size, _free_port(), wrap), nprocs=world_size,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"DDP test with world size {world_size} did not finish in 120 s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
+    spawn_ranks(_ddp_worker, (world_size, free_port(), wrap), world_size, 120,
+                f"DDP test with world size {world_size}")
 
 
 def test_update_walks_the_modules_only_after_a_registration(monkeypatch):

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ from dino_fast.data.augment import MultiCropAugment, counter_uniform
 from dino_fast.data.crops import _key, uniform01
 from dino_fast.train.loop import Trainer
 from dino_fast.utils import checkpoint as ck
+from tests._dist_utils import free_port, spawn_ranks
 from tests._train_utils import read_losses, tiny_config, write_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,12 +33,6 @@ ITERS = 20
 # 24 images; 3 iterations per epoch at global batch 8; 7 epochs hold the 20 iterations
 COMMON = ("model.drop_path_rate=0", "train.epochs=7", "train.threads=1", "train.dist_backend=gloo",
           "train.checkpoint_every_iters=5")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:
@@ -239,20 +232,10 @@ def test_a_signal_or_a_nan_on_one_rank_stops_every_rank_at_the_same_iteration(da
     per-iteration all-reduce, so both ranks stop together, rank 1 names the crop and row."""
     import json
 
-    import torch.multiprocessing as mp
-
     out, res_dir = tmp_path / "out", tmp_path / "res"
     res_dir.mkdir()
-    ctx = mp.start_processes(_one_rank_fails_worker, args=(2, free_port(), str(data_root), str(out), str(res_dir)),
-                             nprocs=2, join=False, start_method="spawn")
-    deadline = time.monotonic() + 180
-    try:
-        while not ctx.join(timeout=2):
-            assert time.monotonic() < deadline, "the ranks did not finish: one is stuck in a collective"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_ranks(_one_rank_fails_worker, (2, free_port(), str(data_root), str(out), str(res_dir)), 2, 180,
+                "the ranks (one stuck in a collective?)")
     r0, r1 = (json.loads((res_dir / f"rank{r}.json").read_text()) for r in (0, 1))
     assert "SIGTERM received at iteration 2" in r1["stop"]
     assert "a stop signal on another rank received at iteration 2" in r0["stop"]

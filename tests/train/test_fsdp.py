@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -30,8 +29,8 @@ import torch
 
 from dino_fast.config import ConfigError
 from dino_fast.utils import checkpoint as ck
+from tests._dist_utils import free_port, spawn_ranks
 from tests._train_utils import read_losses, tiny_config
-from tests.reliability.test_distributed import free_port
 
 ITERS = 6
 # 24 images, batch 4 per rank at world size 2: 3 iterations per epoch
@@ -165,19 +164,8 @@ def _worker(rank: int, world: int, port: int, data_root: str, root: str) -> None
 @pytest.fixture(scope="module")
 def runs(data_root, tmp_path_factory):
     """Every 2-rank run of this module, in one spawn; returns (root, rank 0's result dict)."""
-    import torch.multiprocessing as mp
-
     root = tmp_path_factory.mktemp("fsdp")
-    ctx = mp.start_processes(_worker, args=(2, free_port(), str(data_root), str(root)), nprocs=2, join=False,
-                             start_method="spawn")
-    deadline = time.monotonic() + 600
-    try:
-        while not ctx.join(timeout=2):
-            assert time.monotonic() < deadline, "the FSDP ranks did not finish"
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    spawn_ranks(_worker, (2, free_port(), str(data_root), str(root)), 2, 600, "the FSDP ranks")
     res = [json.loads((root / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in res:
         assert "error" not in r, r["error"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from dino_fast.ops.soft_ce.checks import FLOAT_DTYPES, check_temp, math_dtype
+from dino_fast.ops.soft_ce.checks import check_center, check_float_tensors, check_temp, math_dtype
 
 __all__ = ["check_patch_inputs", "math_dtype"]
 
@@ -21,11 +21,7 @@ def check_patch_inputs(student: Tensor, teacher: Tensor, center: Tensor, weights
     """
     tau_s = check_temp("student_temp", student_temp)
     tau_t = check_temp("teacher_temp", teacher_temp)
-    for name, t in (("student", student), ("teacher", teacher), ("center", center), ("weights", weights)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected a float32/bfloat16/float16/float64 tensor, got dtype {t.dtype}")
+    check_float_tensors(("student", student), ("teacher", teacher), ("center", center), ("weights", weights))
     if student.dim() != 2:
         raise ValueError(f"student: expected a 2-D (rows, K) tensor, got shape {tuple(student.shape)}")
     rows, K = student.shape
@@ -34,8 +30,7 @@ def check_patch_inputs(student: Tensor, teacher: Tensor, center: Tensor, weights
     if tuple(teacher.shape) != (rows, K):
         raise ValueError(f"teacher: expected shape {(rows, K)} (row r pairs with student row r), "
                          f"got {tuple(teacher.shape)}")
-    if center.numel() != K or center.dim() not in (1, 2) or (center.dim() == 2 and center.shape[0] != 1):
-        raise ValueError(f"center: expected shape (1, {K}) or ({K},), got {tuple(center.shape)}")
+    check_center(center, K)
     if weights.dim() != 1 or weights.shape[0] != rows:
         raise ValueError(f"weights: expected shape ({rows},) (one weight per row), got {tuple(weights.shape)}")
     if not (student.device == teacher.device == center.device == weights.device):

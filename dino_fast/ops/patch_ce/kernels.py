@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dino_fast.ops.soft_ce.checks import check_launch_logits, check_launch_temps, check_launch_vector
+
 __all__ = ["PatchLaunchConfig", "patch_launch_config", "combine_rows", "patch_ce_forward_triton", "patch_ce_backward_triton",
            "_patch_fwd_kernel", "_patch_bwd_kernel", "_patch_combine_kernel"]
 
@@ -169,28 +171,17 @@ def combine_rows(n_tiles: int) -> int:
 def _check(S: torch.Tensor, T: torch.Tensor, c: torch.Tensor, w: torch.Tensor,
            student_temp: float, teacher_temp: float) -> tuple[int, int]:
     """Launcher checks: shapes, dtypes, devices, strides, temperatures. Returns (R, K)."""
-    for name, x in (("S", S), ("T", T)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _SUPPORTED:
-            raise TypeError(f"{name}: expected float32, bfloat16 or float16, got {x.dtype}")
-        if x.dim() != 2:
-            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(x.shape)}")
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name}: expected unit stride along K, got strides {x.stride()}")
+    check_launch_logits(("S", S), ("T", T), supported=_SUPPORTED)
     R, K = S.shape
     if K == 0 or R == 0:
         raise ValueError(f"S: expected (rows, K) with rows >= 1 and K >= 1, got shape {tuple(S.shape)}")
     if tuple(T.shape) != (R, K):
         raise ValueError(f"T: expected shape ({R}, {K}) (as S), got {tuple(T.shape)}")
-    if c.dtype != torch.float32 or c.dim() != 1 or c.numel() != K or c.stride(0) != 1:
-        raise ValueError(f"c: expected a contiguous float32 ({K},) tensor, got {c.dtype} {tuple(c.shape)}")
-    if w.dtype != torch.float32 or tuple(w.shape) != (R,) or w.stride(0) != 1:
-        raise ValueError(f"w: expected a contiguous float32 ({R},) tensor, got {w.dtype} {tuple(w.shape)}")
+    check_launch_vector("c", c, K)
+    check_launch_vector("w", w, R)
     if not (S.device == T.device == c.device == w.device):
         raise ValueError(f"S, T, c and w must be on one device, got {S.device}, {T.device}, {c.device}, {w.device}")
-    if not (student_temp > 0 and teacher_temp > 0):
-        raise ValueError(f"temperatures must be > 0, got student_temp={student_temp}, teacher_temp={teacher_temp}")
+    check_launch_temps(student_temp, teacher_temp)
     return R, K
 
 

@@ -12,7 +12,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["TensorOrCrops", "FLOAT_DTYPES", "as_2d", "check_temp", "check_int", "check_inputs", "math_dtype",
-           "check_crop_weights"]
+           "check_crop_weights", "check_float_tensors", "check_center", "check_launch_logits",
+           "check_launch_vector", "check_launch_temps"]
 
 TensorOrCrops = Union[Tensor, Sequence[Tensor]]
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -66,11 +67,7 @@ def check_inputs(
                          f"got n_teacher={n_teacher}, ncrops={ncrops}")
     tau_s = check_temp("student_temp", student_temp)
     tau_t = check_temp("teacher_temp", teacher_temp)
-    for name, t in (("student", student), ("teacher", teacher), ("center", center)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected a float32/bfloat16/float16/float64 tensor, got dtype {t.dtype}")
+    check_float_tensors(("student", student), ("teacher", teacher), ("center", center))
     if student.dim() != 2:
         raise ValueError(f"student: expected a 2-D (ncrops*B, K) tensor, got shape {tuple(student.shape)}")
     if teacher.dim() != 2:
@@ -86,13 +83,54 @@ def check_inputs(
                          f"(B = {rows}/{ncrops} from student), got shape {tuple(teacher.shape)}")
     if teacher.shape[1] != K:
         raise ValueError(f"teacher: expected K = {K} columns (as student), got shape {tuple(teacher.shape)}")
-    if center.numel() != K or center.dim() not in (1, 2) or (center.dim() == 2 and center.shape[0] != 1):
-        raise ValueError(f"center: expected shape (1, {K}) or ({K},), got {tuple(center.shape)}")
+    check_center(center, K)
     if not (student.device == teacher.device == center.device):
         raise ValueError(f"student, teacher and center must be on one device, got {student.device}, "
                          f"{teacher.device}, {center.device}")
     return B, K, tau_s, tau_t
 
+
+def check_float_tensors(*named: tuple[str, object]) -> None:
+    """Each ``(name, value)`` must be a float tensor (fp32/bf16/fp16/fp64); TypeError naming it otherwise."""
+    for name, t in named:
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name}: expected a float32/bfloat16/float16/float64 tensor, got dtype {t.dtype}")
+
+
+def check_center(center: Tensor, K: int) -> None:
+    """``center`` must hold K values as ``(K,)`` or ``(1, K)``; ValueError otherwise."""
+    if center.numel() != K or center.dim() not in (1, 2) or (center.dim() == 2 and center.shape[0] != 1):
+        raise ValueError(f"center: expected shape (1, {K}) or ({K},), got {tuple(center.shape)}")
+
+
+def check_launch_logits(*named: tuple[str, object], supported: Sequence[torch.dtype]) -> None:
+    """Kernel-launcher check of logit matrices: each ``(name, value)`` a 2-D tensor of a
+    ``supported`` dtype with unit stride along K (the kernels' only layout)."""
+    for name, x in named:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in supported:
+            names = [str(d).replace("torch.", "") for d in supported]
+            listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+            raise TypeError(f"{name}: expected {listed}, got {x.dtype}")
+        if x.dim() != 2:
+            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(x.shape)}")
+        if x.stride(-1) != 1:
+            raise ValueError(f"{name}: expected unit stride along K, got strides {x.stride()}")
+
+
+def check_launch_vector(name: str, v: Tensor, n: int) -> None:
+    """Kernel-launcher check of a per-column or per-row vector: contiguous float32 ``(n,)``."""
+    if v.dtype != torch.float32 or v.dim() != 1 or v.numel() != n or v.stride(0) != 1:
+        raise ValueError(f"{name}: expected a contiguous float32 ({n},) tensor, got {v.dtype} {tuple(v.shape)}")
+
+
+def check_launch_temps(student_temp: float, teacher_temp: float) -> None:
+    """Kernel-launcher check: both temperatures > 0."""
+    if not (student_temp > 0 and teacher_temp > 0):
+        raise ValueError(f"temperatures must be > 0, got student_temp={student_temp}, teacher_temp={teacher_temp}")
 
 
 def math_dtype(*ts: Tensor) -> torch.dtype:

@@ -47,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from dino_fast.ops.soft_ce.checks import check_launch_logits, check_launch_temps, check_launch_vector
+
 __all__ = [
     "LaunchConfig", "launch_config", "dino_loss_forward_triton", "dino_loss_backward_triton",
     "_dino_fwd_kernel", "_dino_bwd_kernel", "_dino_combine_kernel",
@@ -234,15 +236,7 @@ def launch_config(B: int, K: int, n_teacher: int, elem_size: int = 4) -> LaunchC
 def _check(S: torch.Tensor, T: torch.Tensor, c: torch.Tensor, ncrops: int, n_teacher: int,
            student_temp: float, teacher_temp: float) -> tuple[int, int]:
     """Launcher checks: shapes, dtypes, devices, strides, temperatures. Returns (B, K)."""
-    for name, x in (("S", S), ("T", T)):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dtype not in _SUPPORTED:
-            raise TypeError(f"{name}: expected float32, bfloat16 or float16, got {x.dtype}")
-        if x.dim() != 2:
-            raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(x.shape)}")
-        if x.stride(-1) != 1:
-            raise ValueError(f"{name}: expected unit stride along K, got strides {x.stride()}")
+    check_launch_logits(("S", S), ("T", T), supported=_SUPPORTED)
     if not isinstance(ncrops, int) or ncrops < 2:
         raise ValueError(f"ncrops: expected an int >= 2, got {ncrops!r}")
     if not isinstance(n_teacher, int) or not 1 <= n_teacher <= ncrops:
@@ -253,12 +247,10 @@ def _check(S: torch.Tensor, T: torch.Tensor, c: torch.Tensor, ncrops: int, n_tea
     B = rows // ncrops
     if tuple(T.shape) != (n_teacher * B, K):
         raise ValueError(f"T: expected shape ({n_teacher * B}, {K}) (n_teacher*B, K), got {tuple(T.shape)}")
-    if c.dtype != torch.float32 or c.dim() != 1 or c.numel() != K or c.stride(0) != 1:
-        raise ValueError(f"c: expected a contiguous float32 ({K},) tensor, got {c.dtype} {tuple(c.shape)}")
+    check_launch_vector("c", c, K)
     if not (S.device == T.device == c.device):
         raise ValueError(f"S, T and c must be on one device, got {S.device}, {T.device}, {c.device}")
-    if not (student_temp > 0 and teacher_temp > 0):
-        raise ValueError(f"temperatures must be > 0, got student_temp={student_temp}, teacher_temp={teacher_temp}")
+    check_launch_temps(student_temp, teacher_temp)
     return B, K
 
 
