@@ -82,6 +82,11 @@ class LoaderBackend:
     classes: list[str]
 
     def iterate(self, epoch: int, batches: Sequence[np.ndarray]) -> Iterator[Batch]:  # pragma: no cover
+        """Yield one :data:`Batch` per entry of ``batches`` (integer ``[B]`` arrays of dataset
+        indices, in order): uint8 global crops ``[B, G, 3, Gs, Gs]``, uint8 local crops
+        ``[B, L, 3, Ls, Ls]``, int64 labels ``[B]`` and int64 crop boxes ``[B, G + L, 4]``. The
+        crops are a function of (loader seed, ``epoch``, sample index, crop), so a resumed epoch
+        yields the same bytes."""
         raise NotImplementedError
 
 

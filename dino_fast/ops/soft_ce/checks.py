@@ -39,6 +39,8 @@ def as_2d(x: TensorOrCrops, name: str) -> Tensor:
 
 
 def check_temp(name: str, value: float) -> float:
+    """``value`` as a float when it is a positive finite number (bool refused); TypeError /
+    ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a positive float, got {type(value).__name__} {value!r}")
     value = float(value)
@@ -48,6 +50,8 @@ def check_temp(name: str, value: float) -> float:
 
 
 def check_int(name: str, value: int, minimum: int) -> int:
+    """``value`` as an int when it is an integer (Python or numpy, bool refused) ``>= minimum``;
+    TypeError / ValueError naming ``name`` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
@@ -134,6 +138,7 @@ def check_launch_temps(student_temp: float, teacher_temp: float) -> None:
 
 
 def math_dtype(*ts: Tensor) -> torch.dtype:
+    """The dtype the ops compute in for inputs ``ts``: float64 when any is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
