@@ -51,8 +51,16 @@ def test_dinov2_composition_equals_the_official_loop(B, K, ncrops, n_teacher):
     ga, = torch.autograd.grad(a, S)
     gb, = torch.autograd.grad(b, S)
     torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-14)
-    half = dino_loss_dinov2_composition(S.detach().bfloat16(), T.bfloat16(), c.float(), **kw)
-    assert half.dtype == torch.float32 and abs(half.item() - a.item()) < 2e-2 * abs(a.item())
+    # bf16 inputs are computed in fp32: against the float64 loss of the same (rounded) inputs the
+    # error is fp32 rounding of logits of size max|S|/tau_s and max|T - c|/tau_t (the bf16
+    # rounding of the inputs themselves is not the composition's error: it moved the loss by up to
+    # 2.7 % at K = 5 on a fresh-input sweep, seed 12)
+    S16, T16 = S.detach().bfloat16(), T.bfloat16()
+    half = dino_loss_dinov2_composition(S16, T16, c.float(), **kw)
+    want = dino_loss_reference(S16.double(), T16.double(), c.float().double(), **kw).item()
+    scale = S16.double().abs().max().item() / 0.1 + (T16.double() - c).abs().max().item() / 0.05
+    assert half.dtype == torch.float32
+    assert abs(half.item() - want) <= 1e-6 * abs(want) + 16 * torch.finfo(torch.float32).eps * scale
 
 
 def test_reference_gradient_matches_identity():
