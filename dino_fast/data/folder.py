@@ -5,7 +5,9 @@
 Every candidate file is validated by decoding it (JPEG at reduced DCT scale, which still reads
 the whole entropy-coded stream): zero-byte files, non-images and corrupt or truncated images are
 listed with the reason and skipped; grayscale, RGBA, palette, CMYK (and other modes) are
-converted to RGB when loaded and listed as converted.
+converted to RGB when loaded and listed as converted. Images of more than 8 bits per channel
+(16-bit grey PNGs and TIFFs: PIL modes ``I;16*``, ``I``, ``F``) are rescaled to 8 bits first
+(:func:`to_8bit`), where PIL's own ``convert("RGB")`` clips every value above 255 to white.
 """
 from __future__ import annotations
 
@@ -15,9 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy as np
 from PIL import Image
 
-__all__ = ["ImageRecord", "FolderScan", "scan_image_folder", "load_rgb", "available_cores"]
+__all__ = ["ImageRecord", "FolderScan", "scan_image_folder", "load_rgb", "to_8bit", "available_cores"]
+
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of more than 8 bits per pixel
 
 # Files with other extensions are ignored silently (README, .DS_Store, ...); files with these
 # extensions that fail to decode are reported.
@@ -67,16 +72,40 @@ class FolderScan:
         return [r.label for r in self.records]
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """An ``L`` (8-bit grey) image from a single-channel image of more than 8 bits (``WIDE_MODES``).
+
+    ``I;16*``: ``v / 257`` (0..65535 onto 0..255). ``I`` (32-bit int, how some PIL versions open
+    16-bit PNGs) and ``F`` (float): kept when every value lies in 0..255, divided by 257 when in
+    0..65535 (``I``), times 255 when in 0..1 (``F``); any other range is stretched from its min
+    to its max (a constant image gives 0). Rounded to nearest. Other modes are returned as they are.
+    """
+    if img.mode not in WIDE_MODES:
+        return img
+    a = np.asarray(img, dtype=np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0 and hi > 255 and hi <= 65535):
+        a = a / 257.0
+    elif img.mode == "F" and lo >= 0 and hi <= 1:
+        a = a * 255.0
+    elif not (lo >= 0 and hi <= 255):
+        a = (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
 def load_rgb(path: str) -> Image.Image:
-    """Decode ``path`` fully and return an RGB PIL image (any mode converted to RGB).
+    """Decode ``path`` fully and return an RGB PIL image (any mode converted to RGB; images of
+    more than 8 bits per pixel rescaled to 8 bits first, :func:`to_8bit`).
 
     Raises OSError (PIL's error, with the path in the message) when the file cannot be decoded.
     """
     try:
         with Image.open(path) as img:
             img.load()
+            if img.mode == "RGB":
+                return img.copy()
             # alpha is dropped, as torchvision's default loader does (``convert("RGB")``)
-            return img.copy() if img.mode == "RGB" else img.convert("RGB")
+            return to_8bit(img).convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise OSError(f"cannot decode image {path!r}: {e}") from e
 

@@ -374,3 +374,34 @@ def test_ffcv_rank_shards(ffcv_loader, folder: Path) -> None:
     id_of = _all_ids(scan)
     ids = [_ident_of(g[j, 0]) for g, _, _, _ in got for j in range(g.shape[0])]
     assert ids == [id_of[scan.records[int(i)].path] for i in shards[1]]
+
+
+def test_images_of_more_than_8_bits_are_rescaled_not_clipped(tmp_path: Path) -> None:
+    """A 16-bit grey PNG keeps its content (v / 257), where PIL's convert("RGB") saturates every
+    value above 255; 32-bit int and float images map their range as to_8bit documents."""
+    from dino_fast.data.folder import load_rgb, to_8bit
+
+    ramp = (np.arange(40 * 48).reshape(40, 48) * 34).astype(np.uint16)  # 0 .. 65246
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as im:
+        assert im.mode.startswith("I")  # I;16 (or I on some PIL versions)
+    got = np.asarray(load_rgb(str(tmp_path / "deep.png")))
+    assert got.shape == (40, 48, 3) and got.dtype == np.uint8
+    want = np.rint(ramp / 257.0).astype(np.uint8)
+    for ch in range(3):
+        assert np.array_equal(got[..., ch], want)
+    assert np.asarray(Image.fromarray(ramp).convert("RGB")).mean() > 250  # what PIL alone gives
+    cases = [
+        (np.array([[0, 100], [200, 255]], dtype=np.int32), "I", [[0, 100], [200, 255]]),      # 8-bit range: kept
+        (np.array([[0, 257], [514, 65535]], dtype=np.int32), "I", [[0, 1], [2, 255]]),      # 16-bit range
+        (np.array([[-10, 0], [10, 30]], dtype=np.int32), "I", [[0, 64], [128, 255]]),       # other: min-max
+        (np.array([[0.0, 0.5], [0.25, 1.0]], dtype=np.float32), "F", [[0, 128], [64, 255]]),  # 0..1
+        (np.array([[-1.0, 1.0], [3.0, 3.0]], dtype=np.float32), "F", [[0, 128], [255, 255]]),
+        (np.full((2, 2), 7000, dtype=np.int32), "I", [[27, 27], [27, 27]]),                  # 7000 / 257
+        (np.full((2, 2), 70000, dtype=np.int32), "I", [[0, 0], [0, 0]]),                     # constant, off range
+    ]
+    for arr, mode, expect in cases:
+        out = to_8bit(Image.fromarray(arr, mode=mode))
+        assert out.mode == "L" and np.asarray(out).tolist() == expect, (arr.tolist(), np.asarray(out).tolist())
+    rgb = Image.new("RGB", (3, 3), (1, 2, 3))
+    assert to_8bit(rgb) is rgb
