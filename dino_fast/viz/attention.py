@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dino_fast.data.folder import load_rgb
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -128,9 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         backbone, cfg = load_backbone_from_checkpoint(a.checkpoint, a.which)
         try:
-            img = Image.open(a.image)
-            img.load()
-        except Exception as e:
+            img = load_rgb(a.image)  # the training loader's decoding (16-bit images rescaled, alpha dropped)
+        except OSError as e:
             raise ValueError(f"cannot read image {a.image}: {e}") from e
         size = a.image_size or cfg.data.global_crops_size
         x, resized = preprocess(img, size, cfg.model.patch_size)
