@@ -489,6 +489,16 @@ def _apex_installed() -> bool:
     return True
 
 
+def _round_ratios(num: Sequence[float], den: Sequence[float]) -> list[float]:
+    """Per-round speed-ups ``num[r] / den[r]`` of two sides timed in the same interleaved rounds."""
+    return [a / b for a, b in zip(num, den)]
+
+
+def _rel_diff(value: float, ref: float) -> float:
+    """``|value - ref| / |ref|`` (the denominator floored at 1e-30)."""
+    return abs(value - ref) / max(abs(ref), 1e-30)
+
+
 def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Optional[str] = None,
                 optimizer_repeats: int = 3, compiled_reference: bool = True,
                 peaks: Optional[dict[str, float]] = None,
@@ -566,13 +576,12 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
         + ")", "ours_optimizer": f"AdamW {ours_optimizer}",
         "optimizer_variants_s": variants,
         "first_loss_reference": first_losses["reference"], "first_loss_ours": first_losses["ours"],
-        "loss_rel_diff_first_step": abs(first_losses["reference"] - first_losses["ours"])
-        / max(abs(first_losses["reference"]), 1e-30),
+        "loss_rel_diff_first_step": _rel_diff(first_losses["ours"], first_losses["reference"]),
     }
     for name in ("reference", "ours"):
         row[name] = {p: statistics.median(ts) for p, ts in phase_times[name].items()}
         row[name + "_min"] = {p: min(ts) for p, ts in phase_times[name].items()}
-    ratios = [a / b for a, b in zip(phase_times["reference"]["total"], phase_times["ours"]["total"])]
+    ratios = _round_ratios(phase_times["reference"]["total"], phase_times["ours"]["total"])
     row["speedup"] = statistics.median(ratios)
     row["speedup_min_max"] = [min(ratios), max(ratios)]
     # best-of-rounds ratio: the least disturbed step of each side (robust on a loaded machine)
@@ -590,9 +599,8 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
     row["trainer_min"] = {"total": min(phase_times["trainer"]["total"])}
     row["trainer_optimizer"] = trainer.optimizer_variant
     row["first_loss_trainer"] = first_losses["trainer"]
-    row["loss_rel_diff_first_step_trainer"] = abs(first_losses["reference"] - first_losses["trainer"]) \
-        / max(abs(first_losses["reference"]), 1e-30)
-    t_ratios = [a / b for a, b in zip(phase_times["reference"]["total"], phase_times["trainer"]["total"])]
+    row["loss_rel_diff_first_step_trainer"] = _rel_diff(first_losses["trainer"], first_losses["reference"])
+    t_ratios = _round_ratios(phase_times["reference"]["total"], phase_times["trainer"]["total"])
     row["trainer_speedup"] = statistics.median(t_ratios)
     row["trainer_speedup_min_max"] = [min(t_ratios), max(t_ratios)]
     row["images_per_s_trainer"] = setup.batch / row["trainer"]["total"]
@@ -600,14 +608,14 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
         rc = phase_times["reference_compiled"]
         row["reference_compiled"] = {p: statistics.median(ts) for p, ts in rc.items()}
         row["reference_compiled_min"] = {p: min(ts) for p, ts in rc.items()}
-        c_ratios = [a / b for a, b in zip(rc["total"], phase_times["trainer"]["total"])]
-        row["trainer_speedup_vs_compiled_reference"] = statistics.median(c_ratios)
+        row["trainer_speedup_vs_compiled_reference"] = statistics.median(
+            _round_ratios(rc["total"], phase_times["trainer"]["total"]))
         row["first_loss_reference_compiled"] = first_losses["reference_compiled"]
     if trainer_variants:
         row["trainer_variants"] = {}
     for vname, extra in trainer_variants:
         vt = phase_times[vname]["total"]
-        v_ratios = [a / b for a, b in zip(phase_times["trainer"]["total"], vt)]
+        v_ratios = _round_ratios(phase_times["trainer"]["total"], vt)
         row[vname] = {"total": statistics.median(vt)}  # beside the other sides (achieved FLOP/s)
         row["trainer_variants"][vname] = {
             "overrides": list(extra), "total": statistics.median(vt), "min": min(vt),
@@ -615,12 +623,11 @@ def bench_setup(setup: StepSetup, rounds: int, warmup: int, ours_optimizer: Opti
             "speedup_vs_trainer": statistics.median(v_ratios),
             "speedup_vs_trainer_min_max": [min(v_ratios), max(v_ratios)],
             "first_loss": first_losses[vname],
-            "loss_rel_diff_first_step": abs(first_losses["trainer"] - first_losses[vname])
-            / max(abs(first_losses["trainer"]), 1e-30),
+            "loss_rel_diff_first_step": _rel_diff(first_losses[vname], first_losses["trainer"]),
         }
         if compiled_reference:
             row["trainer_variants"][vname]["speedup_vs_compiled_reference"] = statistics.median(
-                [a / b for a, b in zip(phase_times["reference_compiled"]["total"], vt)])
+                _round_ratios(phase_times["reference_compiled"]["total"], vt))
     # what the Trainer's step waits for on the host (CUDA only; the design has one: the loss and
     # finite-check read before backward)
     row["host_syncs_per_step_trainer"] = count_host_syncs(
