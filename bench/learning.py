@@ -170,13 +170,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.builtin:
         from dino_fast.data.builtin import ensure_builtin_dataset
         roots = {"builtin": Path(ensure_builtin_dataset(ROOT / "data_cache" / "builtin")), **roots}
-    from dino_fast.config import load_config
+    from dino_fast.config import apply_auto_crops, load_config
+    from dino_fast.data.sizing import median_image_side
     cfg = load_config(str(ROOT / args.config), list(args.extra))
     records: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []
     for name, root in roots.items():
-        raw = raw_pixel_knn(root / "train", root / "val", image_size=cfg.eval.image_size,
-                            resize_size=cfg.eval.resize_size)
+        # at the evaluation size the run uses (data.auto_crops may change it for small images)
+        set_cfg, _ = apply_auto_crops(cfg, median_image_side(root / "train"))
+        raw = raw_pixel_knn(root / "train", root / "val", image_size=set_cfg.eval.image_size,
+                            resize_size=set_cfg.eval.resize_size)
         runs = []
         for seed in args.seeds:
             rec = run_one(name, root, seed, runs_dir, args.config, args.extra)

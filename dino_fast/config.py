@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import yaml
 
+from dino_fast.data.sizing import SMALL_GLOBAL_CROP, SMALL_ITERATION_SCALE, eval_size_for_crops
 from dino_fast.models.registry import backbone_names
 
 # torch.compile modes for model.compile_mode; the ones that capture CUDA graphs (on CUDA devices)
@@ -74,6 +75,10 @@ class DataConfig:
     jitter_p: float = 0.8
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     grayscale_p: float = 0.2
+    # the small-image rule (dino_fast/data/sizing.py): when the training images' median shorter side
+    # is below global_crops_size, train on 48 px global crops (local crops scaled alike) for 1.5x
+    # train.iterations and evaluate at the matching size; configs/default.yaml turns it on
+    auto_crops: bool = False
 
 
 @dataclass
@@ -554,3 +559,42 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 
 VALID_KEYS = _valid_keys(TrainConfig)
+
+
+def apply_auto_crops(cfg: TrainConfig, median_side: Optional[int]) -> tuple[TrainConfig, Optional[str]]:
+    """The config with the small-image rule applied, and a log line saying what changed (``None``
+    when nothing did); the small-image rule of :mod:`dino_fast.data.sizing`.
+
+    Args:
+        cfg: a :class:`TrainConfig` with ``data.auto_crops`` true (otherwise it
+            is returned unchanged).
+        median_side: :func:`~dino_fast.data.sizing.median_image_side` of the training folder, or ``None`` (unknown:
+            nothing changes).
+
+    When ``median_side < data.global_crops_size`` and the global crop is above
+    :data:`~dino_fast.data.sizing.SMALL_GLOBAL_CROP`: the global crop becomes 48 px, the local crop is scaled by the
+    same factor (rounded, at least one patch), ``train.iterations`` (if set) is multiplied by
+    :data:`~dino_fast.data.sizing.SMALL_ITERATION_SCALE`, and ``eval.image_size`` / ``eval.resize_size`` come from
+    :func:`~dino_fast.data.sizing.eval_size_for_crops`. Everything else stays as configured.
+    """
+    d = cfg.data
+    if not d.auto_crops or median_side is None or median_side >= d.global_crops_size \
+            or d.global_crops_size <= SMALL_GLOBAL_CROP:
+        return cfg, None
+    patch = cfg.model.patch_size
+    factor = SMALL_GLOBAL_CROP / d.global_crops_size
+    local = max(patch, int(round(d.local_crops_size * factor)))
+    eval_size, resize = eval_size_for_crops(SMALL_GLOBAL_CROP, tuple(d.global_crops_scale), patch)
+    iterations = int(round(cfg.train.iterations * SMALL_ITERATION_SCALE)) if cfg.train.iterations > 0 else 0
+    new = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(d, global_crops_size=SMALL_GLOBAL_CROP, local_crops_size=local),
+        eval=dataclasses.replace(cfg.eval, image_size=eval_size, resize_size=resize),
+        train=dataclasses.replace(cfg.train, iterations=iterations),
+    )
+    msg = (f"data.auto_crops: the training images' median shorter side is {median_side} px, below the "
+           f"{d.global_crops_size} px global crop: crops {d.global_crops_size}/{d.local_crops_size} -> "
+           f"{SMALL_GLOBAL_CROP}/{local} px, train.iterations {cfg.train.iterations} -> {iterations}, "
+           f"eval {cfg.eval.image_size}/{cfg.eval.resize_size} -> {eval_size}/{resize} px "
+           f"(data.auto_crops=false keeps the configured sizes)")
+    return new, msg

@@ -52,9 +52,10 @@ import torch.distributed as torch_dist
 from torch import nn
 from tqdm import tqdm
 
-from dino_fast.config import CUDA_GRAPH_COMPILE_MODES, ConfigError, TrainConfig, load_config
+from dino_fast.config import CUDA_GRAPH_COMPILE_MODES, ConfigError, TrainConfig, apply_auto_crops, load_config
 from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_loader
 from dino_fast.data.builtin import ensure_builtin_dataset
+from dino_fast.data.sizing import median_image_side
 from dino_fast.eval.collapse import collapse_stats, diagnose
 from dino_fast.eval.knn import knn_eval_backbone, run_eval_roots
 from dino_fast.eval.linear import linear_eval_backbone
@@ -156,6 +157,11 @@ class Trainer:
 
         # data
         root = self.train_root()
+        if cfg.data.auto_crops and root.is_dir():  # a .beton keeps the sizes it was written for
+            cfg, note = apply_auto_crops(cfg, median_image_side(root))
+            self.cfg = cfg
+            if note and self.dist.is_main:
+                log.info("%s", note)
         with warnings.catch_warnings(record=True) as caught:  # skipped files, named, into the log
             warnings.simplefilter("always")
             self.loader = build_multicrop_loader(
