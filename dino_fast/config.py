@@ -76,7 +76,7 @@ class DataConfig:
     color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
     grayscale_p: float = 0.2
     # the small-image rule (dino_fast/data/sizing.py): when the training images' median shorter side
-    # is below global_crops_size, train on 48 px global crops (local crops scaled alike) for 1.5x
+    # is below global_crops_size, train on 48 px global crops (local crops scaled alike) for 5/3 x
     # train.iterations and evaluate at the matching size; configs/default.yaml turns it on
     auto_crops: bool = False
 

@@ -51,17 +51,17 @@ def _default():
 
 def test_small_images_get_48_px_crops_more_iterations_and_the_matching_eval_size():
     cfg = _default()
-    assert cfg.data.auto_crops and cfg.data.global_crops_size == 64 and cfg.train.iterations == 800
+    assert cfg.data.auto_crops and cfg.data.global_crops_size == 64 and cfg.train.iterations == 720
     new, note = apply_auto_crops(cfg, 32)
     assert (new.data.global_crops_size, new.data.local_crops_size) == (SMALL_GLOBAL_CROP, 24)
-    assert new.train.iterations == round(800 * SMALL_ITERATION_SCALE) == 1200
+    assert new.train.iterations == round(720 * SMALL_ITERATION_SCALE) == 1200
     assert (new.eval.image_size, new.eval.resize_size) == (56, 63)
-    assert "32 px" in note and "64/32 -> 48/24" in note and "800 -> 1200" in note and "auto_crops=false" in note
+    assert "32 px" in note and "64/32 -> 48/24" in note and "720 -> 1200" in note and "auto_crops=false" in note
     # nothing else changes
     for section in ("model", "loss", "optim", "method"):
         assert getattr(new, section) == getattr(cfg, section)
     assert dataclasses.replace(new.data, global_crops_size=64, local_crops_size=32) == cfg.data
-    assert dataclasses.replace(new.train, iterations=800) == cfg.train
+    assert dataclasses.replace(new.train, iterations=720) == cfg.train
     assert dataclasses.replace(new.eval, image_size=64, resize_size=72) == cfg.eval
 
 
@@ -95,15 +95,15 @@ def test_the_trainer_applies_the_rule_and_records_it(tmp_path):
 
     small = make_image_folder(tmp_path / "small", size=30)  # 30 x 38 px images
     cfg = tiny_config(small, tmp_path / "run", "data.global_crops_size=64", "data.local_crops_size=32",
-                      "data.auto_crops=true", "train.iterations=4", "train.epochs=1")
+                      "data.auto_crops=true", "train.iterations=3", "train.epochs=1")
     tr = Trainer(cfg)
     assert (tr.cfg.data.global_crops_size, tr.cfg.data.local_crops_size) == (48, 24)
-    assert tr.cfg.train.iterations == 6 and tr.cfg.train.epochs == math.ceil(6 / tr.niter_per_epoch)
+    assert tr.cfg.train.iterations == 5 and tr.cfg.train.epochs == math.ceil(5 / tr.niter_per_epoch)
     assert (tr.cfg.eval.image_size, tr.cfg.eval.resize_size) == (56, 63)
     s = tr.fit()
-    assert s["iterations"] == 6
+    assert s["iterations"] == 5
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert saved["data"]["global_crops_size"] == 48 and saved["train"]["iterations"] == 6
+    assert saved["data"]["global_crops_size"] == 48 and saved["train"]["iterations"] == 5
     # the same folder with the rule off trains at the configured sizes
     off = Trainer(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, auto_crops=False)))
-    assert off.cfg.data.global_crops_size == 64 and off.cfg.train.iterations == 4
+    assert off.cfg.data.global_crops_size == 64 and off.cfg.train.iterations == 3
