@@ -20,7 +20,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageRecord", "FolderScan", "scan_image_folder", "load_rgb", "to_8bit", "available_cores"]
+__all__ = ["ImageRecord", "FolderScan", "list_image_files", "scan_image_folder", "load_rgb", "to_8bit",
+           "available_cores"]
 
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of more than 8 bits per pixel
 
@@ -141,19 +142,15 @@ def _progress(it, total: int, enabled: bool):
     return tqdm(it, total=total, desc="validating images", unit="img")
 
 
-def scan_image_folder(
-    root: str | os.PathLike, *, num_workers: Optional[int] = None, progress: bool = False
-) -> FolderScan:
-    """List and validate every image under ``root`` (ImageFolder convention, see module doc).
+def list_image_files(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class names, [(path, label), ...]) of the image files under ``root`` by extension, in the
+    order :func:`scan_image_folder` reads them; nothing is opened.
 
-    Args:
-        root: folder with class subfolders, or a flat folder of images (label 0).
-        num_workers: validation threads (default: cores available).
-        progress: show a progress bar (tqdm) while validating.
+    Class subfolders (hidden ones skipped) are labelled in sorted order and walked recursively; a
+    folder without subfolders is one class (label 0) of its own files.
 
     Raises:
         FileNotFoundError: ``root`` is not a directory.
-        ValueError: no valid image was found (the message lists the first skipped files).
     """
     root_p = Path(root)
     if not root_p.is_dir():
@@ -173,7 +170,25 @@ def scan_image_folder(
         for fname in sorted(os.listdir(root_p)):
             if fname.lower().endswith(IMAGE_EXTENSIONS):
                 candidates.append((str(root_p / fname), 0))
+    return classes, candidates
 
+
+def scan_image_folder(
+    root: str | os.PathLike, *, num_workers: Optional[int] = None, progress: bool = False
+) -> FolderScan:
+    """List and validate every image under ``root`` (ImageFolder convention, see module doc).
+
+    Args:
+        root: folder with class subfolders, or a flat folder of images (label 0).
+        num_workers: validation threads (default: cores available).
+        progress: show a progress bar (tqdm) while validating.
+
+    Raises:
+        FileNotFoundError: ``root`` is not a directory.
+        ValueError: no valid image was found (the message lists the first skipped files).
+    """
+    root_p = Path(root)
+    classes, candidates = list_image_files(root_p)
     workers = available_cores() if num_workers is None else max(1, int(num_workers))
     paths = [p for p, _ in candidates]
     if workers > 1 and len(paths) > 16:

@@ -16,7 +16,7 @@ from typing import Optional
 
 from PIL import Image
 
-from dino_fast.data.folder import IMAGE_EXTENSIONS
+from dino_fast.data.folder import list_image_files
 
 __all__ = ["SMALL_GLOBAL_CROP", "SMALL_ITERATION_SCALE", "median_image_side", "eval_size_for_crops"]
 
@@ -27,11 +27,12 @@ SMALL_ITERATION_SCALE: float = 5 / 3
 def median_image_side(root: str | Path, max_images: int = 256) -> Optional[int]:
     """The median shorter side in pixels of up to ``max_images`` images of an image folder.
 
-    ``root`` is a folder of images, in class subfolders or flat; the images are taken at an even
-    stride over the sorted file list (deterministic) and only their headers are read. Returns
-    ``None`` when the folder holds no image PIL can open.
+    ``root`` is a folder of images, in class subfolders or flat; the images are the files the
+    training loader reads (:func:`~dino_fast.data.folder.list_image_files`), taken at an even
+    stride (deterministic), and only their headers are read. Returns ``None`` when the folder
+    holds no image PIL can open.
     """
-    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    files = [p for p, _ in list_image_files(root)[1]]
     if not files:
         return None
     stride = max(1, len(files) // max_images)
