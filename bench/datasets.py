@@ -13,6 +13,11 @@ name          images                                                   size     
               matplotlib ships (DejaVu, STIX, Computer Modern), random
               size, rotation, offset, stroke level, noisy background;
               train and val draw from disjoint faces (unseen typefaces)
+``scenes``    48 px patches of 10 other images, cut as the photos are  48 px    both    2000/600
+              (below): scikit-image's immunohistochemistry, retina,
+              moon, clock, cell, page, text, motorcycle (stereo left)
+              and microaneurysms, and matplotlib's Grace Hopper; six
+              grey, four colour; microscopy, text, scenes, a portrait
 ``photos``    48 px patches of 10 photographs that scikit-image ships  48 px    colour  2000/600
               (astronaut, brick, camera, cat, coffee, coins, grass,
               gravel, Hubble deep field, rocket); the class is the
@@ -21,6 +26,9 @@ name          images                                                   size     
 ============  =======================================================  =======  ======  =========
 
 ``photos`` is the held-out set: no recipe decision was made on it (docs/NOTEBOOK.md, issue 17).
+``scenes`` is its tuning twin, added after the photos' gains fell short: the same kind of task
+(which image a patch was cut from) on images that share nothing with the photos, so that a
+recipe change for patch data can be decided without looking at the held-out set.
 Every set is deterministic (``numpy.random.default_rng`` seeded by name, class and index) and
 written once: a folder that already holds a complete copy (a ``.complete`` marker with the same
 format version) is reused.
@@ -38,13 +46,16 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-__all__ = ["SETS", "HELD_OUT", "build", "build_digits", "build_glyphs", "build_photos"]
+__all__ = ["SETS", "HELD_OUT", "build", "build_digits", "build_glyphs", "build_scenes", "build_photos"]
 
 FORMAT = 2
 HELD_OUT = "photos"
 LETTERS = "ABCDEFGHIJ"
 PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel",
           "hubble_deep_field", "rocket")
+# the scenes: scikit-image's images that are not photos of PHOTOS, and matplotlib's portrait
+SCENES = ("immunohistochemistry", "retina", "moon", "clock", "cell", "page", "text", "stereo_motorcycle",
+          "microaneurysms", "grace_hopper")
 # text faces only: the symbol faces (cmex, cmsy, cmmi, STIXSiz*, STIXNonUni*) and the DejaVu
 # Display faces have no Latin capitals or draw them as math symbols
 FACES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "DejaVuSans-BoldOblique.ttf",
@@ -147,24 +158,33 @@ def _glyph_items(train_per_class: int = 300, val_per_class: int = 100) -> Iterat
 
 
 def _photo(name: str) -> np.ndarray:
-    try:
-        from skimage import data as skdata
-    except ImportError as e:  # pragma: no cover
-        raise ImportError("the 'photos' set needs scikit-image: pip install -e '.[bench]'") from e
-    a = np.asarray(getattr(skdata, name)())
+    """Image ``name`` as (H, W, 3) uint8: a scikit-image sample, or matplotlib's ``grace_hopper``."""
+    if name == "grace_hopper":
+        import matplotlib.cbook as cbook
+        with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as im:
+            a = np.asarray(im.convert("RGB"))
+    else:
+        try:
+            from skimage import data as skdata
+        except ImportError as e:  # pragma: no cover
+            raise ImportError("the 'photos' and 'scenes' sets need scikit-image: pip install -e '.[bench]'") from e
+        a = getattr(skdata, name)()
+        a = np.asarray(a[0] if name == "stereo_motorcycle" else a)  # (left, right, disparity)
     if a.ndim == 2:
         a = np.stack([a] * 3, axis=-1)
     return a[..., :3].astype(np.uint8)
 
 
-def _photo_items(train_per_class: int = 200, val_per_class: int = 60, size: int = 48) -> Iterator[tuple[str, str, int, Image.Image]]:
-    for ci, name in enumerate(PHOTOS):
+def _patch_items(set_name: str, sources: tuple[str, ...], train_per_class: int = 200, val_per_class: int = 60,
+                 size: int = 48) -> Iterator[tuple[str, str, int, Image.Image]]:
+    """Square patches of each source image (its class): train from the left 70 %, val from the right 30 %."""
+    for ci, name in enumerate(sources):
         a = _photo(name)
         H, W = a.shape[:2]
         cut = int(W * 0.7)
         for split, (x0, x1), n in (("train", (0, cut), train_per_class), ("val", (cut, W), val_per_class)):
             for i in range(n):
-                rng = _rng("photos", split, ci, i)
+                rng = _rng(set_name, split, ci, i)
                 side = int(min(H, x1 - x0) * rng.uniform(0.12, 0.35))
                 side = max(side, 16)
                 y = int(rng.integers(0, H - side + 1))
@@ -200,12 +220,18 @@ def build_glyphs(root: Path, train_per_class: int = 300, val_per_class: int = 10
     return _build("glyphs", root, lambda: _glyph_items(train_per_class, val_per_class))
 
 
+def build_scenes(root: Path, train_per_class: int = 200, val_per_class: int = 60) -> Path:
+    """Write the ``scenes`` set under ``root`` (48x48 RGB PNG, patches of :data:`SCENES`) and return ``root``."""
+    return _build("scenes", root, lambda: _patch_items("scenes", SCENES, train_per_class, val_per_class))
+
+
 def build_photos(root: Path) -> Path:
     """Write the held-out ``photos`` set under ``root`` (48x48 RGB PNG) and return ``root``."""
-    return _build("photos", root, _photo_items)
+    return _build("photos", root, lambda: _patch_items("photos", PHOTOS))
 
 
-SETS: dict[str, Callable[[Path], Path]] = {"digits": build_digits, "glyphs": build_glyphs, "photos": build_photos}
+SETS: dict[str, Callable[[Path], Path]] = {"digits": build_digits, "glyphs": build_glyphs, "scenes": build_scenes,
+                                           "photos": build_photos}
 
 
 def build(name: str, cache_dir: Path) -> Path:

@@ -74,3 +74,18 @@ def test_every_face_draws_every_letter():
 def test_unknown_set_is_named():
     with pytest.raises(KeyError, match="unknown image set 'nope'; known"):
         datasets.build("nope", Path("/nonexistent"))
+
+
+def test_scenes_are_patches_of_images_the_photos_do_not_use(tmp_path):
+    pytest.importorskip("skimage", reason="the scenes set is cut from scikit-image's samples (the bench extra)")
+    assert not set(datasets.SCENES) & set(datasets.PHOTOS)
+    root = datasets.build_scenes(tmp_path / "s", train_per_class=3, val_per_class=2)
+    classes = sorted(p.name for p in (root / "train").iterdir())
+    assert classes == [f"{i:02d}-{n}" for i, n in enumerate(datasets.SCENES)]
+    assert classes == sorted(p.name for p in (root / "val").iterdir())
+    for c in classes:
+        for split, n in (("train", 3), ("val", 2)):
+            files = sorted((root / split / c).iterdir())
+            assert len(files) == n
+            img = np.asarray(Image.open(files[0]))
+            assert img.shape == (48, 48, 3) and img.dtype == np.uint8, (c, split)
