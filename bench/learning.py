@@ -144,6 +144,37 @@ def _row(s: dict[str, Any]) -> str:
             f"bars {'met' if all(s['bars'].values()) else 'NOT met: ' + ', '.join(k for k, v in s['bars'].items() if not v)}")
 
 
+def check_mergeable(old: dict[str, Any], config: str, extra: Sequence[str]) -> None:
+    """Raise ValueError unless results ``old`` were run with ``config`` and ``extra`` (see :func:`merge_results`)."""
+    for key, value in (("config", config), ("extra", list(extra))):
+        if old.get(key) != value:
+            raise ValueError(f"cannot merge into results of {key}={old.get(key)!r}: this run has "
+                             f"{key}={value!r} (write them to another --out)")
+
+
+def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with the sets that ``old`` holds and ``new`` did not run kept from ``old``.
+
+    Both are :func:`main`'s output dicts. The summaries are ordered tuning sets first (``old``'s
+    order, then new ones), the held-out set last; ``any_knn_at_or_above_raw_pixels`` is recomputed
+    over all of them.
+
+    Raises:
+        ValueError: the two were run with another config or other ``--extra`` overrides (their
+            figures would not belong in one table); the message names both.
+    """
+    check_mergeable(old, new["config"], new["extra"])
+    ran = {s["set"] for s in new["summaries"]}
+    summaries = [s for s in old["summaries"] if s["set"] not in ran] + list(new["summaries"])
+    order = [s["set"] for s in old["summaries"]] + [s["set"] for s in new["summaries"] if s["set"] not in
+                                                    {o["set"] for o in old["summaries"]}]
+    summaries.sort(key=lambda s: (s["set"] == datasets.HELD_OUT, order.index(s["set"])))
+    runs = [r for r in old["runs"] if r["set"] not in ran] + list(new["runs"])
+    runs.sort(key=lambda r: ([s["set"] for s in summaries].index(r["set"]), r["seed"]))
+    return {**new, "summaries": summaries, "runs": runs,
+            "any_knn_at_or_above_raw_pixels": any(s["knn_at_or_above_raw_pixels"] for s in summaries)}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit code (0 also when a bar is not met: read the report)."""
     p = argparse.ArgumentParser(prog="python -m bench.learning", description=__doc__.split("\n")[0])
@@ -156,6 +187,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--cache", default="data_cache/sets", help="where the image sets are written")
     p.add_argument("--runs", default="runs/learning", help="where the training runs go")
     p.add_argument("--out", default="bench/results/learning.json")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other sets' results already in --out (same config and --extra), replace these sets'")
     p.add_argument("--min-gain", type=float, default=25.0)
     p.add_argument("--entropy-frac", type=float, default=0.8)
     p.add_argument("--max-seconds", type=float, default=600.0)
@@ -164,6 +197,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         p.error(f"unknown set(s) {unknown}; known: {sorted(datasets.SETS)}")
     sets = [s for s in args.sets if s != datasets.HELD_OUT] + [s for s in args.sets if s == datasets.HELD_OUT]
+    out_path = ROOT / args.out
+    if args.update and out_path.exists():  # before an hour of runs, not after
+        try:
+            check_mergeable(json.loads(out_path.read_text()), args.config, args.extra)
+        except ValueError as e:
+            p.error(f"--update: {e}")
     cache, runs_dir = ROOT / args.cache, ROOT / args.runs
     runs_dir.mkdir(parents=True, exist_ok=True)
     roots: dict[str, Path] = {s: datasets.build(s, cache) for s in sets}
@@ -197,7 +236,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                        "torch": torch.__version__},
            "config": args.config, "extra": list(args.extra), "held_out": datasets.HELD_OUT,
            "summaries": summaries, "runs": records, "any_knn_at_or_above_raw_pixels": any_raw}
-    out_path = ROOT / args.out
+    if args.update and out_path.exists():
+        out = merge_results(json.loads(out_path.read_text()), out)
+        print("\n".join(_row(s) for s in out["summaries"]))
+        print(f"with the other sets of {out_path}: trained k-NN at or above raw-pixel k-NN on at least one set: "
+              f"{out['any_knn_at_or_above_raw_pixels']}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {out_path}")

@@ -89,3 +89,27 @@ def test_scenes_are_patches_of_images_the_photos_do_not_use(tmp_path):
             assert len(files) == n
             img = np.asarray(Image.open(files[0]))
             assert img.shape == (48, 48, 3) and img.dtype == np.uint8, (c, split)
+
+
+def _results(sets_raw: dict[str, float], extra=()) -> dict:
+    kw = dict(min_gain=25.0, entropy_frac=0.8, max_seconds=600.0)
+    runs, summaries = [], []
+    for name, raw in sets_raw.items():
+        rs = [{**_run(seed, 80, 50, 85, 55), "set": name} for seed in (1, 0)]
+        runs += rs
+        summaries.append(learning.summarise(name, rs, {"top1": raw}, **kw))
+    return {"config": "configs/default.yaml", "extra": list(extra), "summaries": summaries, "runs": runs,
+            "any_knn_at_or_above_raw_pixels": any(s["knn_at_or_above_raw_pixels"] for s in summaries)}
+
+
+def test_update_replaces_the_sets_it_ran_and_keeps_the_rest():
+    old = _results({"digits": 99.0, "glyphs": 99.0, "photos": 99.0})
+    new = _results({"photos": 10.0, "scenes": 99.0})  # new sets arrive before the held-out one
+    merged = learning.merge_results(old, new)
+    assert [s["set"] for s in merged["summaries"]] == ["digits", "glyphs", "scenes", "photos"]
+    assert [(r["set"], r["seed"]) for r in merged["runs"]] == [(s, k) for s in ("digits", "glyphs", "scenes", "photos")
+                                                               for k in (0, 1)]
+    assert merged["summaries"][-1]["raw_pixel_knn"] == 10.0 and merged["any_knn_at_or_above_raw_pixels"]
+    assert not learning.merge_results(new, old)["any_knn_at_or_above_raw_pixels"]  # old's photos replace new's
+    with pytest.raises(ValueError, match=r"cannot merge into results of extra=\[\]: this run has extra=\['a=1'\]"):
+        learning.merge_results(old, _results({"digits": 1.0}, extra=["a=1"]))
