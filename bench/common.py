@@ -221,9 +221,15 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
         "machine": machine_info(),
         **payload,
     }
-    path = RESULTS_DIR / f"{name}.json"
+    return write_json(RESULTS_DIR / f"{name}.json", doc)
+
+
+def write_json(path: Path, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` to ``path`` as indented JSON, atomically (a temporary file, then a rename);
+    creates the parent folder. Returns ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False, default=str))
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False, default=str) + "\n")
     os.replace(tmp, path)
     return path
 

@@ -34,8 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -46,6 +44,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from bench import datasets
+from bench.common import machine_info, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 KNN_K = "20"
@@ -232,8 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("\n".join(_row(s) for s in summaries))
     any_raw = any(s["knn_at_or_above_raw_pixels"] for s in summaries)
     print(f"trained k-NN at or above raw-pixel k-NN on at least one set: {any_raw}")
-    out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "torch": torch.__version__},
+    out = {"machine": machine_info(),
            "config": args.config, "extra": list(args.extra), "held_out": datasets.HELD_OUT,
            "summaries": summaries, "runs": records, "any_knn_at_or_above_raw_pixels": any_raw}
     if args.update and out_path.exists():
@@ -241,9 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("\n".join(_row(s) for s in out["summaries"]))
         print(f"with the other sets of {out_path}: trained k-NN at or above raw-pixel k-NN on at least one set: "
               f"{out['any_knn_at_or_above_raw_pixels']}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {out_path}")
+    print(f"wrote {write_json(out_path, out)}")
     return 0
 
 

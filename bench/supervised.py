@@ -32,7 +32,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -43,27 +42,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench import datasets
+from bench.common import machine_info, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_split(root: Path, *, image_size: int, resize_size: int, num_workers: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    """All images of an image folder as the evaluation loads them.
+def load_splits(train_root: Path, val_root: Path, *, image_size: int, resize_size: int, num_workers: int = 2
+                ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The images of a train and a val folder as the evaluation loads them
+    (:func:`dino_fast.eval.knn.eval_loaders`, which also checks that both name the same classes).
 
     Returns:
-        (images float32 [N, 3, image_size, image_size], normalised as the evaluation does;
-        labels int64 [N]).
+        ``[(train images, train labels), (val images, val labels)]``: images float32
+        [N, 3, image_size, image_size], normalised as the evaluation does; labels int64 [N].
+
+    Raises:
+        ValueError: the folders name different classes, or one holds no images.
     """
-    from dino_fast.data.loader import build_eval_loader
-    loader = build_eval_loader(str(root), image_size=image_size, resize_size=resize_size, batch_size=256,
-                               num_workers=num_workers)
-    xs, ys = [], []
-    for x, y in loader:
-        xs.append(x.float())
-        ys.append(y.long())
-    if not xs:
-        raise ValueError(f"{root}: no images")
-    return torch.cat(xs), torch.cat(ys)
+    from dino_fast.eval.knn import eval_loaders
+    loaders, _ = eval_loaders(train_root, val_root, image_size=image_size, resize_size=resize_size,
+                              batch_size=256, num_workers=num_workers)
+    splits = []
+    for root, loader in zip((train_root, val_root), loaders):
+        batches = [(x.float(), y.long()) for x, y in loader]
+        if not batches:
+            raise ValueError(f"{root}: no images")
+        splits.append((torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])))
+    return splits
 
 
 def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
@@ -114,7 +119,7 @@ def train_supervised(cfg: Any, train: tuple[torch.Tensor, torch.Tensor], val: tu
 
     Args:
         cfg: a resolved :class:`dino_fast.config.TrainConfig` (architecture, crop size).
-        train, val: (images float [N, 3, S, S], labels int64 [N]) as :func:`load_split` returns.
+        train, val: (images float [N, 3, S, S], labels int64 [N]) as :func:`load_splits` returns.
         epochs: passes over ``train``; lr: AdamW lr at batch 256 (scaled by ``batch_size`` / 256).
         precision: ``"bf16"`` (CPU autocast to bfloat16; weights and optimizer stay float32) or ``"fp32"``.
 
@@ -203,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         root = datasets.build(name, ROOT / args.cache)
         set_cfg, _ = apply_auto_crops(cfg, median_image_side(root / "train"))
         kw = dict(image_size=set_cfg.eval.image_size, resize_size=set_cfg.eval.resize_size)
-        train, val = load_split(root / "train", **kw), load_split(root / "val", **kw)
+        train, val = load_splits(root / "train", root / "val", **kw)
         settings = []
         for lr, crop_min in grid:
             runs = []
@@ -232,14 +237,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{best['top1_mean']:.1f} +- {best['top1_std']:.1f}"
               + (f" | self-supervised k-NN random {s['knn_random']:.1f} -> trained {s['knn_teacher']:.1f}, "
                  f"supervised best - random {s['best_minus_knn_random']:+.1f}" if name in ssl else ""), flush=True)
-    out = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                       "torch": torch.__version__},
+    out = {"machine": machine_info(),
            "config": args.config, "epochs": args.epochs, "lrs": list(args.lr), "batch_size": args.batch_size,
            "crop_mins": list(args.crop_min), "precision": args.precision, "summaries": summaries, "runs": records}
     out_path = ROOT / args.out
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {out_path}")
+    print(f"wrote {write_json(out_path, out)}")
     return 0
 
 
