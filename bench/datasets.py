@@ -18,6 +18,11 @@ name          images                                                   size     
               moon, clock, cell, page, text, motorcycle (stereo left)
               and microaneurysms, and matplotlib's Grace Hopper; six
               grey, four colour; microscopy, text, scenes, a portrait
+``tints``     the glyphs' letters and faces (the same split) in random    32 px    colour  2000/600
+              colours: letter and background each draw an RGB colour,
+              at least 80 levels of luminance apart, so colour says
+              nothing about the class (a guard for colour-augmentation
+              changes: the other sets are grey or tell classes by colour)
 ``photos``    48 px patches of 10 photographs that scikit-image ships  48 px    colour  2000/600
               (astronaut, brick, camera, cat, coffee, coins, grass,
               gravel, Hubble deep field, rocket); the class is the
@@ -46,7 +51,8 @@ from typing import Callable, Iterator
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-__all__ = ["SETS", "HELD_OUT", "build", "build_digits", "build_glyphs", "build_scenes", "build_photos"]
+__all__ = ["SETS", "HELD_OUT", "build", "build_digits", "build_glyphs", "build_scenes", "build_tints",
+           "build_photos"]
 
 FORMAT = 2
 HELD_OUT = "photos"
@@ -157,6 +163,25 @@ def _glyph_items(train_per_class: int = 300, val_per_class: int = 100) -> Iterat
                 yield split, letter, i, _glyph(letter, fonts / face, rng)
 
 
+def _tint(gray: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """``gray`` (mode L) recoloured: its darkest level to one random RGB colour, its brightest to
+    another with at least 80 levels more luminance (ITU-R 601 weights), linearly in between."""
+    lum = np.array([0.299, 0.587, 0.114])
+    while True:
+        dark, light = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        if float(lum @ light) - float(lum @ dark) >= 80.0:
+            break
+    a = np.asarray(gray, dtype=np.float64)
+    t = (a - a.min()) / max(float(a.max() - a.min()), 1.0)
+    rgb = dark[None, None, :] * (1.0 - t[..., None]) + light[None, None, :] * t[..., None]
+    return Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), mode="RGB")
+
+
+def _tint_items(train_per_class: int = 200, val_per_class: int = 60) -> Iterator[tuple[str, str, int, Image.Image]]:
+    for split, letter, i, gray in _glyph_items(train_per_class, val_per_class):
+        yield split, letter, i, _tint(gray, _rng("tints", split, letter, i))
+
+
 def _photo(name: str) -> np.ndarray:
     """Image ``name`` as (H, W, 3) uint8: a scikit-image sample, or matplotlib's ``grace_hopper``."""
     if name == "grace_hopper":
@@ -225,13 +250,18 @@ def build_scenes(root: Path, train_per_class: int = 200, val_per_class: int = 60
     return _build("scenes", root, lambda: _patch_items("scenes", SCENES, train_per_class, val_per_class))
 
 
+def build_tints(root: Path, train_per_class: int = 200, val_per_class: int = 60) -> Path:
+    """Write the ``tints`` set under ``root`` (32x32 RGB PNG: the glyphs in random colours) and return ``root``."""
+    return _build("tints", root, lambda: _tint_items(train_per_class, val_per_class))
+
+
 def build_photos(root: Path) -> Path:
     """Write the held-out ``photos`` set under ``root`` (48x48 RGB PNG) and return ``root``."""
     return _build("photos", root, lambda: _patch_items("photos", PHOTOS))
 
 
 SETS: dict[str, Callable[[Path], Path]] = {"digits": build_digits, "glyphs": build_glyphs, "scenes": build_scenes,
-                                           "photos": build_photos}
+                                           "tints": build_tints, "photos": build_photos}
 
 
 def build(name: str, cache_dir: Path) -> Path:

@@ -63,6 +63,27 @@ def test_glyphs_are_letters_from_disjoint_faces(tmp_path):
     assert datasets.build_glyphs(root) == root and (root / ".complete").stat().st_mtime_ns == stamp
 
 
+def test_tints_are_the_glyphs_in_colours_that_do_not_tell_the_class(tmp_path):
+    root = datasets.build_tints(tmp_path / "t", train_per_class=6, val_per_class=2)
+    assert sorted(p.name for p in (root / "train").iterdir()) == list(datasets.LETTERS)
+    lum = np.array([0.299, 0.587, 0.114])
+    means = []
+    for letter in datasets.LETTERS:
+        for i, f in enumerate(sorted((root / "train" / letter).iterdir())):
+            img = np.asarray(Image.open(f), dtype=np.float64)
+            assert img.shape == (32, 32, 3)
+            y = img @ lum
+            assert y.max() - y.min() >= 79.0, (letter, i)  # the letter stays readable
+            means.append(img.mean(axis=(0, 1)))
+    # the same drawing as the glyphs set, recoloured: luminance order follows the grey glyph's
+    g = np.asarray(Image.open(datasets.build_glyphs(tmp_path / "g", 6, 2) / "train" / "A" / "00000.png"), float)
+    t = np.asarray(Image.open(root / "train" / "A" / "00000.png"), float) @ lum
+    assert np.corrcoef(g.ravel(), t.ravel())[0, 1] > 0.99
+    # colours vary within a class about as much as across classes: no class has its own colour
+    means = np.array(means).reshape(len(datasets.LETTERS), 6, 3)
+    assert means.std(axis=1).mean() > 0.5 * means.mean(axis=1).std(axis=0).mean()
+
+
 def test_every_face_draws_every_letter():
     fonts = datasets._fonts_dir()
     for face in datasets.FACES:
