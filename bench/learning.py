@@ -23,7 +23,7 @@ least one set.
 
 Usage::
 
-    python -m bench.learning                      # digits, glyphs, scenes, then photos (held out); seeds 0 1 2
+    python -m bench.learning                      # digits, glyphs, scenes, tints, then photos (held out); seeds 0 1 2
     python -m bench.learning --sets digits --seeds 0 --extra optim.lr=0.001
 
 Writes ``--out`` (default ``bench/results/learning.json``): one record per run and one summary per
