@@ -35,6 +35,7 @@ __all__ = [
     "batch_mean_entropy",
     "collapse_stats",
     "diagnose",
+    "diagnose_gain",
     "effective_rank",
     "entropy_from_logits",
     "feature_std",
@@ -407,6 +408,46 @@ def diagnose(
                 "larger head bottleneck (model.head_bottleneck_dim) or a smaller lr, and measure on "
                 "a batch with N >> D")
     return out
+
+
+def diagnose_gain(teacher_top1: float, random_top1: float, *, min_frac: float = 0.15) -> Optional[str]:
+    """A warning when training gained little over random init on a labelled val split; else ``None``.
+
+    The collapse measures above watch the head and the features during training; a run can pass
+    them all (a sharp teacher, every prototype used, full-rank features) and still learn what the
+    augmentations leave in common between two crops rather than what the labels measure, e.g. an
+    image's colours when they say nothing about its class. This check reads the evaluation after
+    training: it warns when the trained teacher closes less than ``min_frac`` of the gap between
+    the random-init twin's top-1 and 100 %, i.e. when ``teacher - random < min_frac * (100 -
+    random)`` (default 15 %). A random twin at 100 % leaves nothing to gain and is not flagged.
+
+    Args:
+        teacher_top1, random_top1: top-1 accuracies in % (floats in [0, 100]) of the trained
+            teacher and of the random-init twin, from the same evaluation (k-NN or linear probe).
+        min_frac: a fraction in [0, 1].
+
+    Returns:
+        The warning naming the symptom, the measured values against the threshold and what to
+        try, or ``None``.
+
+    Raises:
+        ValueError: an accuracy outside [0, 100] or not finite, or ``min_frac`` outside [0, 1].
+    """
+    for name, v in (("teacher_top1", teacher_top1), ("random_top1", random_top1)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 100.0:
+            raise ValueError(f"{name}: expected a top-1 accuracy in % in [0, 100], got {v!r}")
+    min_frac = _check_frac("min_frac", min_frac)
+    room = 100.0 - float(random_top1)
+    gain = float(teacher_top1) - float(random_top1)
+    if room <= 0.0 or gain >= min_frac * room:
+        return None
+    return (
+        f"features barely better than random init: top-1 {teacher_top1:.1f} against {random_top1:.1f} for the "
+        f"random-init twin ({gain:+.1f} points, {100 * gain / room:.0f} % of the {room:.1f} left; threshold "
+        f"{100 * min_frac:g} %) although nothing collapsed; the run probably learnt a cue that two crops of "
+        "one image share but the classes do not (colour is the usual one: try stronger colour "
+        "augmentation, data.grayscale_p, data.color_jitter, data.jitter_p), or the classes need more "
+        "training (train.iterations) or a larger model")
 
 
 def format_stats(stats: CollapseStats) -> str:

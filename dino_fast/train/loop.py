@@ -56,7 +56,7 @@ from dino_fast.config import CUDA_GRAPH_COMPILE_MODES, ConfigError, TrainConfig,
 from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_loader
 from dino_fast.data.builtin import ensure_builtin_dataset
 from dino_fast.data.sizing import median_image_side
-from dino_fast.eval.collapse import collapse_stats, diagnose
+from dino_fast.eval.collapse import collapse_stats, diagnose, diagnose_gain
 from dino_fast.eval.knn import knn_eval_backbone, run_eval_roots
 from dino_fast.eval.linear import linear_eval_backbone
 from dino_fast.methods import BatchInfo, Method, StepOutput, build_backbone, build_method, get_method
@@ -806,6 +806,9 @@ def _print_linear_report(report: dict[str, Any]) -> None:
     if "teacher" in report and "random_init" in report:
         gain = report["teacher"]["top1"] - report["random_init"]["top1"]
         print(f"  teacher vs random init: {gain:+.1f} points top-1")
+        warning = diagnose_gain(report["teacher"]["top1"], report["random_init"]["top1"])
+        if warning:
+            log.warning("linear probe: %s", warning)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -873,3 +876,6 @@ def _print_knn_report(report: dict[str, Any]) -> None:
         k = next(iter(report["teacher"]))
         gain = report["teacher"][k]["top1"] - report["random_init"][k]["top1"]
         print(f"  teacher vs random init at k={k}: {gain:+.1f} points top-1")
+        warning = diagnose_gain(report["teacher"][k]["top1"], report["random_init"][k]["top1"])
+        if warning:
+            log.warning("k-NN at k=%s: %s", k, warning)

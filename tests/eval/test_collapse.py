@@ -275,3 +275,31 @@ def test_collapse_imports_only_torch_and_the_standard_library():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=str(path.parents[2]))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_diagnose_gain_flags_little_gain_over_random_init():
+    """The threshold is 15 % of the gap between random init and 100 %, for any random-init level."""
+    # the tints (colour a nuisance): 13.9 against 8.7 closes 5.7 % of the 91.3 points left
+    msg = collapse.diagnose_gain(13.9, 8.7)
+    assert msg is not None and msg.startswith("features barely better than random init: top-1 13.9 against 8.7")
+    assert "+5.2 points, 6 % of the 91.3 left; threshold 15 %" in msg and "data.grayscale_p" in msg
+    # the held-out photographs: +14.9 of 37.6 left (40 %) is learning, not a shortcut
+    assert collapse.diagnose_gain(77.3, 62.4) is None
+    # exactly at the threshold passes; just under warns; a worse-than-random teacher warns
+    assert collapse.diagnose_gain(60.0 + 0.15 * 40.0, 60.0) is None
+    assert collapse.diagnose_gain(60.0 + 0.15 * 40.0 - 0.01, 60.0) is not None
+    assert "(-10.0 points" in collapse.diagnose_gain(40.0, 50.0)
+    # nothing left to gain: not flagged
+    assert collapse.diagnose_gain(100.0, 100.0) is None and collapse.diagnose_gain(99.0, 100.0) is None
+    assert collapse.diagnose_gain(20.0, 10.0, min_frac=0.5) is not None
+    assert collapse.diagnose_gain(20.0, 10.0, min_frac=0.0) is None
+
+
+@pytest.mark.parametrize("bad", [-1.0, 100.5, float("nan"), "50", True])
+def test_diagnose_gain_rejects_what_is_not_an_accuracy(bad):
+    with pytest.raises(ValueError, match=r"teacher_top1: expected a top-1 accuracy in % in \[0, 100\], got "):
+        collapse.diagnose_gain(bad, 10.0)
+    with pytest.raises(ValueError, match=r"random_top1: expected a top-1 accuracy in % in \[0, 100\]"):
+        collapse.diagnose_gain(10.0, bad)
+    with pytest.raises(ValueError, match=r"min_frac: expected a fraction in \[0, 1\], got 2"):
+        collapse.diagnose_gain(10.0, 10.0, min_frac=2)

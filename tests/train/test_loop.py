@@ -118,6 +118,34 @@ def test_linear_report_beside_knn(data_root, tmp_path, capsys):
     assert set(json.loads((out / "linear.json").read_text())) == {"teacher", "random_init"}
 
 
+def test_train_warns_when_the_features_barely_beat_random_init(data_root, tmp_path, monkeypatch, caplog):
+    """`dino-fast train` reads its own end-of-run k-NN and linear reports: a run that passed every
+    collapse check but gained little over its random-init twin gets a warning naming it."""
+    import logging
+
+    import dino_fast.train.loop as loop_mod
+
+    def knn(top1_teacher, top1_random):
+        return lambda tr: {"teacher": {"20": {"top1": top1_teacher, "top5": 50.0}},
+                           "random_init": {"20": {"top1": top1_random, "top5": 50.0}}}
+
+    def linear(top1_teacher, top1_random):
+        return lambda tr: {name: {"top1": t, "top5": 50.0, "lr": 0.1, "epochs": 1}
+                           for name, t in (("teacher", top1_teacher), ("random_init", top1_random))}
+
+    for i, ((k_t, k_r, l_t, l_r), want) in enumerate((((13.9, 8.7, 16.1, 14.3), ["k-NN at k=20", "linear probe"]),
+                                                      ((77.3, 62.4, 74.9, 64.7), []))):
+        cfg_path = write_config(tiny_config(data_root, tmp_path / f"r{i}", "train.max_iters=1",
+                                            "eval.knn_after_training=true"), tmp_path / f"r{i}.yaml")
+        monkeypatch.setattr(loop_mod, "run_knn_report", knn(k_t, k_r))
+        monkeypatch.setattr(loop_mod, "run_linear_report", linear(l_t, l_r))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dino_fast.train"):
+            assert main(["--config", str(cfg_path)]) == 0
+        got = [r.getMessage() for r in caplog.records if "features barely better than random init" in r.getMessage()]
+        assert [m.split(":")[0] for m in got] == want, got
+
+
 def test_colour_augmentation_comes_from_the_config(data_root, tmp_path):
     """data.jitter_p / color_jitter / grayscale_p reach the trainer's augmentation; defaults are
     the official ones."""
