@@ -71,26 +71,35 @@ def load_splits(train_root: Path, val_root: Path, *, image_size: int, resize_siz
     return splits
 
 
-def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator) -> torch.Tensor:
+def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], generator: torch.Generator, *,
+                        seed: int, epoch: int, samples: torch.Tensor) -> torch.Tensor:
     """A random resized crop of each image, resized to ``size``, flipped with probability 1/2.
+
+    The box is the multi-crop loaders' own (:func:`dino_fast.data.crops.crop_box`: RandomResizedCrop
+    semantics, aspect ratio log-uniform in [3/4, 4/3], 10 tries then the centre crop), drawn from
+    the stream ``(seed, epoch, sample, 0)`` of each image's index in the train split, so a box does
+    not depend on the batch it lands in; the flip comes from ``generator``.
 
     Args:
         x: float [B, C, H, W].
         size: output side.
-        scale: (min, max) fraction of the image area kept; aspect ratio log-uniform in [3/4, 4/3].
+        scale: (min, max) fraction of the image area kept.
+        seed, epoch: non-negative integers naming the crop stream.
+        samples: int64 [B], each image's index in the train split.
 
     Returns:
         float [B, C, size, size].
+
+    Raises:
+        ValueError: ``samples`` does not hold one index per image.
     """
+    from dino_fast.data.crops import crop_box
     B, _, H, W = x.shape
+    if samples.shape != (B,):
+        raise ValueError(f"samples: expected one index per image, shape ({B},), got {tuple(samples.shape)}")
     out = []
-    for i in range(B):
-        r = torch.rand(4, generator=generator).tolist()
-        area = H * W * (scale[0] + (scale[1] - scale[0]) * r[0])
-        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * r[1])
-        h = max(1, min(H, round(math.sqrt(area / ratio))))
-        w = max(1, min(W, round(math.sqrt(area * ratio))))
-        top, left = int(r[2] * (H - h + 1)), int(r[3] * (W - w + 1))
+    for i, sample in enumerate(samples.tolist()):
+        top, left, h, w = crop_box(H, W, scale[0], scale[1], 3 / 4, 4 / 3, seed, epoch, int(sample), 0)
         crop = F.interpolate(x[i:i + 1, :, top:top + h, left:left + w], size=(size, size), mode="bilinear",
                              align_corners=False, antialias=True)
         if torch.rand((), generator=generator).item() < 0.5:
@@ -147,11 +156,12 @@ def train_supervised(cfg: Any, train: tuple[torch.Tensor, torch.Tensor], val: tu
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm))))
     t0 = time.perf_counter()
     model.train()
-    for _ in range(epochs):
+    for epoch in range(epochs):
         perm = torch.randperm(x_tr.shape[0], generator=gen)
         for s in range(steps_per_epoch):
             idx = perm[s * batch_size:(s + 1) * batch_size]
-            xb = random_resized_crop(x_tr[idx], cfg.data.global_crops_size, crop_scale, gen)
+            xb = random_resized_crop(x_tr[idx], cfg.data.global_crops_size, crop_scale, gen,
+                                     seed=seed, epoch=epoch, samples=idx)
             with autocast:
                 logits = model(xb)
             loss = F.cross_entropy(logits.float(), y_tr[idx], label_smoothing=0.1)

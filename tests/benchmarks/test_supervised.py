@@ -15,15 +15,30 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_random_resized_crop_is_a_resized_window_and_is_seeded():
     ramp = torch.arange(8, dtype=torch.float32).expand(64, 3, 8, 8).contiguous()  # value = column index
-    a = supervised.random_resized_crop(ramp, 4, (0.3, 1.0), torch.Generator().manual_seed(3))
-    b = supervised.random_resized_crop(ramp, 4, (0.3, 1.0), torch.Generator().manual_seed(3))
+    ids = torch.arange(64)
+
+    def crop(gen_seed, seed=3, epoch=0, samples=ids):
+        return supervised.random_resized_crop(ramp, 4, (0.3, 1.0), torch.Generator().manual_seed(gen_seed),
+                                              seed=seed, epoch=epoch, samples=samples)
+
+    a, b = crop(3), crop(3)
     assert a.shape == (64, 3, 4, 4) and torch.equal(a, b)
     assert (a >= -1e-4).all() and (a <= 7 + 1e-4).all()
     d = a[:, 0, 0, 1:] - a[:, 0, 0, :-1]  # each row runs along the window: increasing, or decreasing when flipped
     rising, falling = (d > 0).all(1), (d < 0).all(1)
     assert (rising | falling).all() and 16 <= int(falling.sum()) <= 48  # about half flipped
     assert torch.allclose(a[:, :, 0], a[:, :, 3])  # rows are equal: no vertical change in a column ramp
-    assert not torch.equal(a, supervised.random_resized_crop(ramp, 4, (0.3, 1.0), torch.Generator().manual_seed(4)))
+    assert not torch.equal(a, crop(4)) and not torch.equal(a, crop(3, seed=4)) and not torch.equal(a, crop(3, epoch=1))
+    # the box is the loaders' (crop_box of the image's own stream), whatever the batch it lands in
+    from dino_fast.data.crops import crop_box
+    top, left, h, w = crop_box(8, 8, 0.3, 1.0, 3 / 4, 4 / 3, 3, 0, 5, 0)
+    want = torch.nn.functional.interpolate(ramp[:1, :, top:top + h, left:left + w], size=(4, 4), mode="bilinear",
+                                           align_corners=False, antialias=True)
+    got = supervised.random_resized_crop(ramp[:1], 4, (0.3, 1.0), torch.Generator().manual_seed(0), seed=3, epoch=0,
+                                         samples=torch.tensor([5]))
+    assert torch.equal(got, want) or torch.equal(got, want.flip(3))
+    with pytest.raises(ValueError, match=r"samples: expected one index per image, shape \(64,\), got \(3,\)"):
+        crop(3, samples=ids[:3])
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
