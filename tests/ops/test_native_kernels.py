@@ -173,7 +173,10 @@ def test_patch_kernel_matches_float64(rows, K, dtype, with_colsum):
     ref = patch_ce_reference(S64, T.double(), c.double(), w.double(), student_temp=0.1, teacher_temp=0.04)
     (ref_g,) = torch.autograd.grad(ref, S64)
     if K > 1:
-        assert rel(loss, ref) < 1e-6 and rel(G, ref_g) < TOL[dtype]
+        # the same fp32 sums and cancellation as the DINO kernel's loss: over 1500 seeds at
+        # K = 65536 the worst was 2.37e-6 and 1.5 % exceeded 1e-6 (CI seed 996760284 gave 1.38e-6)
+        assert rel(loss, ref) < 4e-6, (loss.item(), ref.item())
+        assert rel(G, ref_g) < TOL[dtype]
     assert rel(lse, torch.logsumexp(S.double() / 0.1, dim=-1)) < 1e-6
     if with_colsum:
         assert rel(colsum, T.double().sum(0)) < 1e-6
