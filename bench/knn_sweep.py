@@ -2,7 +2,7 @@
 
 Each run trains ``configs/default.yaml`` with a variant's ``section.key=value`` overrides and a
 seed, then measures weighted k-NN top-1 (k=20, the ``make train`` protocol) of the trained
-teacher and of the random-init twin (``run_knn_report``'s seed) on an evaluation split, and
+teacher and of the random-init twin (``run_eval_report``'s seed) on an evaluation split, and
 reports the gain (teacher minus random init). Runs go ``--parallel`` at a time as subprocesses
 (1 CPU thread and 1 loader worker each), so a 16-core GPU machine takes ~14 at once.
 
@@ -142,7 +142,7 @@ def run_one(name: str, overrides: Sequence[str], *, eval_dir: str, std_dir: str,
     tr.train_step = step  # type: ignore[method-assign]
     summary = tr.fit()
     t_train = time.time() - t0
-    torch.manual_seed(cfg.train.seed + 12345)  # run_knn_report's random-init twin
+    torch.manual_seed(cfg.train.seed + 12345)  # run_eval_report's random-init twin
     rnd = build_backbone(cfg, teacher=True).to(tr.device)
     res: dict[str, Any] = {
         "name": name, "overrides": list(overrides), "iterations": summary["iterations"],

@@ -49,6 +49,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -57,8 +58,8 @@ from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_lo
 from dino_fast.data.builtin import ensure_builtin_dataset
 from dino_fast.data.sizing import median_image_side
 from dino_fast.eval.collapse import collapse_stats, diagnose, diagnose_gain
-from dino_fast.eval.knn import knn_eval_backbone, run_eval_roots
-from dino_fast.eval.linear import linear_eval_backbone
+from dino_fast.eval.knn import eval_loaders, knn_classify, run_eval_roots
+from dino_fast.eval.linear import extract_probe_features, linear_eval
 from dino_fast.methods import BatchInfo, Method, StepOutput, build_backbone, build_method, get_method
 from dino_fast.ops.ema import NonFiniteEMAError, TeacherEMA
 from dino_fast.train import fsdp as fsdp_mod
@@ -749,54 +750,56 @@ def _setup_logging(is_main: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def run_knn_report(trainer: Trainer) -> dict[str, Any]:
-    """k-NN top-1/top-5 of the trained teacher and of a random-init twin on the val split."""
+def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The end-of-training evaluation on the val split: weighted k-NN (every k of
+    ``eval.knn_k``) and, with ``linear``, the linear probe
+    (:func:`dino_fast.eval.linear.linear_eval`: last block's CLS, SGD with a cosine schedule and a
+    held-out lr choice), of the trained teacher and, with ``eval.compare_random_init``, of a
+    random-init twin (seeded ``train.seed + 12345``).
+
+    Each backbone runs once over the train and val folders (centre crops, ``eval.image_size``
+    after a resize to ``eval.resize_size``): its CLS features after the final norm feed the linear
+    probe as they are and the k-NN L2-normalised, which are the features both evaluations define.
+
+    Returns:
+        ``(knn, linear)``: ``knn`` is ``{backbone: {str(k): {"top1": %, "top5": %}}}``, ``linear``
+        ``{backbone: linear_eval's dict}``; ``({}, {})`` without an image-folder val split, and
+        ``linear`` is ``{}`` when not asked for or when the folders name fewer than 2 classes
+        (logged).
+    """
     cfg = trainer.cfg
     roots = run_eval_roots(cfg)  # no barrier here: only rank 0 evaluates
     if roots is None:
         log.info("no data.val_root given: skipping the k-NN evaluation")
-        return {}
+        return {}, {}
     train_root, val_root = roots
     if train_root.suffix == ".beton":
         log.info("k-NN evaluation needs an image folder, data.root is a .beton: skipping")
-        return {}
-    report: dict[str, Any] = {}
-    report["teacher"] = knn_eval_backbone(
-        trainer.eval_backbone(), train_root, val_root, ks=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
-        image_size=cfg.eval.image_size, resize_size=cfg.eval.resize_size, batch_size=cfg.eval.batch_size,
-        device=trainer.device,
-    )
+        return {}, {}
+    loaders, classes = eval_loaders(train_root, val_root, image_size=cfg.eval.image_size,
+                                    resize_size=cfg.eval.resize_size, batch_size=cfg.eval.batch_size,
+                                    num_workers=cfg.data.num_workers)
+    if linear and len(classes) < 2:
+        log.info("the linear probe needs at least 2 classes, %s names %d: skipping it", train_root, len(classes))
+        linear = False
+    backbones = {"teacher": trainer.eval_backbone()}
     if cfg.eval.compare_random_init:
         torch.manual_seed(cfg.train.seed + 12345)
-        random_backbone = build_backbone(cfg, teacher=True).to(trainer.device)
-        report["random_init"] = knn_eval_backbone(
-            random_backbone, train_root, val_root, ks=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
-            image_size=cfg.eval.image_size, resize_size=cfg.eval.resize_size, batch_size=cfg.eval.batch_size,
-            device=trainer.device,
-        )
-    return report
-
-
-def run_linear_report(trainer: Trainer) -> dict[str, Any]:
-    """Linear-probe top-1/top-5 (:func:`dino_fast.eval.linear.linear_eval_backbone`: frozen
-    backbone, last block's CLS, SGD with a cosine schedule and a held-out lr choice) of the
-    trained teacher and of the random-init twin :func:`run_knn_report` uses, on the same splits;
-    ``{}`` when there is no image-folder val split."""
-    cfg = trainer.cfg
-    roots = run_eval_roots(cfg)
-    if roots is None or roots[0].suffix == ".beton":
-        return {}
-    train_root, val_root = roots
-    kw = dict(image_size=cfg.eval.image_size, resize_size=cfg.eval.resize_size, batch_size=cfg.eval.batch_size,
-              num_workers=cfg.data.num_workers, device=trainer.device, epochs=cfg.eval.linear_epochs,
-              seed=cfg.train.seed)
-    report: dict[str, Any] = {"teacher": linear_eval_backbone(trainer.eval_backbone(), train_root,
-                                                              val_root, **kw)}
-    if cfg.eval.compare_random_init:
-        torch.manual_seed(cfg.train.seed + 12345)  # the same twin as run_knn_report's
-        random_backbone = build_backbone(cfg, teacher=True).to(trainer.device)
-        report["random_init"] = linear_eval_backbone(random_backbone, train_root, val_root, **kw)
-    return report
+        backbones["random_init"] = build_backbone(cfg, teacher=True).to(trainer.device)
+    knn: dict[str, Any] = {}
+    probe: dict[str, Any] = {}
+    for name, backbone in backbones.items():
+        train_f, train_y = extract_probe_features(backbone, loaders[0], trainer.device)
+        val_f, val_y = extract_probe_features(backbone, loaders[1], trainer.device)
+        train_n, val_n = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
+        knn[name] = {str(k): knn_classify(train_n, train_y, val_n, val_y, k=k, temperature=cfg.eval.knn_temperature,
+                                          num_classes=len(classes) or None) for k in cfg.eval.knn_k}
+        if linear:
+            probe[name] = linear_eval(train_f.to(trainer.device), train_y.to(trainer.device),
+                                      val_f.to(trainer.device), val_y.to(trainer.device), num_classes=len(classes),
+                                      epochs=cfg.eval.linear_epochs, seed=cfg.train.seed)
+            probe[name].update(n_last_blocks=1, avgpool_patchtokens=False, feature_dim=int(train_f.shape[1]))
+    return knn, probe
 
 
 def _print_linear_report(report: dict[str, Any]) -> None:
@@ -839,15 +842,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             n_warn = len(summary["collapse_warnings"])
             print(f"collapse check: {'no warning' if n_warn == 0 else f'{n_warn} warning(s), see the log above'}")
             if cfg.eval.knn_after_training:
-                report = run_knn_report(trainer)
-                if report:
-                    _print_knn_report(report)
-                    (trainer.out_dir / "knn.json").write_text(json.dumps(report, indent=2))
-                if report and cfg.eval.linear_after_training:
-                    linear = run_linear_report(trainer)
-                    if linear:
-                        _print_linear_report(linear)
-                        (trainer.out_dir / "linear.json").write_text(json.dumps(linear, indent=2))
+                knn, linear = run_eval_report(trainer, linear=cfg.eval.linear_after_training)
+                if knn:
+                    _print_knn_report(knn)
+                    (trainer.out_dir / "knn.json").write_text(json.dumps(knn, indent=2))
+                if linear:
+                    _print_linear_report(linear)
+                    (trainer.out_dir / "linear.json").write_text(json.dumps(linear, indent=2))
             print(f"total time {time.perf_counter() - t0:.1f} s")
         return 0
     except TrainingInterrupted as e:

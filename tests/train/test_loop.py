@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from dino_fast.methods import build_backbone
 from dino_fast.train.loop import NonFiniteLossError, Trainer, main
 from dino_fast.utils import checkpoint as ck
 from tests._train_utils import read_losses, tiny_config, write_config
@@ -83,13 +84,13 @@ def test_cli_bad_key_and_missing_data(tmp_path, capsys):
 
 
 def test_knn_report_after_training_on_a_custom_folder(data_root, tmp_path):
-    from dino_fast.train.loop import run_knn_report
+    from dino_fast.train.loop import run_eval_report
 
     tr = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=1", f"data.val_root={data_root}",
                              "eval.knn_k=[1]", "eval.image_size=32", "eval.resize_size=32"))
     tr.fit()
-    report = run_knn_report(tr)
-    assert set(report) == {"teacher", "random_init"}
+    report, linear = run_eval_report(tr, linear=False)
+    assert set(report) == {"teacher", "random_init"} and linear == {}
     for res in report.values():
         # val == train here: the nearest neighbour of every image is itself
         assert res["1"]["top1"] == 100.0
@@ -98,24 +99,68 @@ def test_knn_report_after_training_on_a_custom_folder(data_root, tmp_path):
 def test_linear_report_beside_knn(data_root, tmp_path, capsys):
     """The end-of-training linear probe: teacher and the same random-init twin as the k-NN, and
     `dino-fast train` prints it and writes linear.json."""
-    from dino_fast.train.loop import run_linear_report
+    from dino_fast.train.loop import run_eval_report
 
     args = ["train.max_iters=1", f"data.val_root={data_root}", "eval.knn_k=[1]", "eval.image_size=32",
             "eval.resize_size=32", "eval.linear_epochs=20"]
     tr = Trainer(tiny_config(data_root, tmp_path / "a", *args))
     tr.fit()
-    report = run_linear_report(tr)
+    _, report = run_eval_report(tr)
     assert set(report) == {"teacher", "random_init"}
     for res in report.values():
         assert 0 <= res["top1"] <= 100 and res["top5"] == 100.0  # 3 classes: top-5 covers all
         assert res["epochs"] == 20 and res["lr"] > 0
-    assert run_linear_report(Trainer(tiny_config(data_root, tmp_path / "b", "train.max_iters=1"))) == {}
+    assert run_eval_report(Trainer(tiny_config(data_root, tmp_path / "b", "train.max_iters=1"))) == ({}, {})
     out = tmp_path / "c"
     cfg_path = write_config(tiny_config(data_root, out, *args, "eval.knn_after_training=true"), tmp_path / "c.yaml")
     assert main(["--config", str(cfg_path)]) == 0
     printed = capsys.readouterr().out
     assert "linear probe on the val split" in printed and "collapse check:" in printed
     assert set(json.loads((out / "linear.json").read_text())) == {"teacher", "random_init"}
+
+
+def test_eval_report_matches_the_standalone_evaluations(data_root, tmp_path):
+    """One feature pass per backbone serves both evaluations: the report equals what
+    knn_eval_backbone and linear_eval_backbone (the `dino-fast knn` / `linear` commands) give on
+    the same backbones, splits and settings."""
+    from dino_fast.eval.knn import knn_eval_backbone
+    from dino_fast.eval.linear import linear_eval_backbone
+    from dino_fast.train.loop import run_eval_report
+
+    tr = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=2", f"data.val_root={data_root}",
+                             "eval.knn_k=[1, 3]", "eval.image_size=32", "eval.resize_size=40",
+                             "eval.linear_epochs=5"))
+    tr.fit()
+    knn, linear = run_eval_report(tr)
+    torch.manual_seed(tr.cfg.train.seed + 12345)
+    twin = build_backbone(tr.cfg, teacher=True)
+    ev = dict(image_size=32, resize_size=40, batch_size=tr.cfg.eval.batch_size)
+    for name, backbone in (("teacher", tr.eval_backbone()), ("random_init", twin)):
+        want = knn_eval_backbone(backbone, data_root, data_root, ks=(1, 3), **ev)
+        for k in ("1", "3"):
+            assert knn[name][k] == pytest.approx(want[k], abs=1e-9), (name, k)
+        lin = linear_eval_backbone(backbone, data_root, data_root, epochs=5, seed=tr.cfg.train.seed, **ev)
+        assert linear[name]["top1"] == pytest.approx(lin["top1"]) and linear[name]["lr"] == lin["lr"]
+        assert linear[name]["feature_dim"] == lin["feature_dim"]
+
+
+def test_eval_report_skips_the_linear_probe_on_one_class(tmp_path):
+    """A val split whose folder names one class: k-NN still runs (every vote is right), the
+    linear probe, which needs 2 classes, is skipped instead of failing the finished run."""
+    from PIL import Image
+
+    from dino_fast.train.loop import run_eval_report
+
+    root = tmp_path / "one" / "only"
+    root.mkdir(parents=True)
+    for i in range(12):
+        Image.new("RGB", (24, 24), (i * 20, 100, 200 - i * 10)).save(root / f"{i}.png")
+    tr = Trainer(tiny_config(tmp_path / "one", tmp_path / "out", "train.max_iters=1",
+                             f"data.val_root={tmp_path / 'one'}", "eval.knn_k=[1]", "eval.image_size=32",
+                             "eval.resize_size=32"))
+    tr.fit()
+    knn, linear = run_eval_report(tr)
+    assert knn["teacher"]["1"]["top1"] == 100.0 and linear == {}
 
 
 def test_train_warns_when_the_features_barely_beat_random_init(data_root, tmp_path, monkeypatch, caplog):
@@ -125,20 +170,17 @@ def test_train_warns_when_the_features_barely_beat_random_init(data_root, tmp_pa
 
     import dino_fast.train.loop as loop_mod
 
-    def knn(top1_teacher, top1_random):
-        return lambda tr: {"teacher": {"20": {"top1": top1_teacher, "top5": 50.0}},
-                           "random_init": {"20": {"top1": top1_random, "top5": 50.0}}}
-
-    def linear(top1_teacher, top1_random):
-        return lambda tr: {name: {"top1": t, "top5": 50.0, "lr": 0.1, "epochs": 1}
-                           for name, t in (("teacher", top1_teacher), ("random_init", top1_random))}
+    def report(k_t, k_r, l_t, l_r):
+        knn = {"teacher": {"20": {"top1": k_t, "top5": 50.0}}, "random_init": {"20": {"top1": k_r, "top5": 50.0}}}
+        linear = {name: {"top1": t, "top5": 50.0, "lr": 0.1, "epochs": 1}
+                  for name, t in (("teacher", l_t), ("random_init", l_r))}
+        return lambda tr, **kw: (knn, linear)
 
     for i, ((k_t, k_r, l_t, l_r), want) in enumerate((((13.9, 8.7, 16.1, 14.3), ["k-NN at k=20", "linear probe"]),
                                                       ((77.3, 62.4, 74.9, 64.7), []))):
         cfg_path = write_config(tiny_config(data_root, tmp_path / f"r{i}", "train.max_iters=1",
                                             "eval.knn_after_training=true"), tmp_path / f"r{i}.yaml")
-        monkeypatch.setattr(loop_mod, "run_knn_report", knn(k_t, k_r))
-        monkeypatch.setattr(loop_mod, "run_linear_report", linear(l_t, l_r))
+        monkeypatch.setattr(loop_mod, "run_eval_report", report(k_t, k_r, l_t, l_r))
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="dino_fast.train"):
             assert main(["--config", str(cfg_path)]) == 0
@@ -159,10 +201,10 @@ def test_colour_augmentation_comes_from_the_config(data_root, tmp_path):
 
 
 def test_knn_report_skipped_without_val_root(data_root, tmp_path):
-    from dino_fast.train.loop import run_knn_report
+    from dino_fast.train.loop import run_eval_report
 
     tr = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=1"))
-    assert run_knn_report(tr) == {}
+    assert run_eval_report(tr) == ({}, {})
 
 
 def test_auto_precision_on_cpu_follows_native_bf16(tmp_path, monkeypatch):
