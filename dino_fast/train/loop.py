@@ -758,8 +758,9 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str,
     random-init twin (seeded ``train.seed + 12345``).
 
     Each backbone runs once over the train and val folders (centre crops, ``eval.image_size``
-    after a resize to ``eval.resize_size``): its CLS features after the final norm feed the linear
-    probe as they are and the k-NN L2-normalised, which are the features both evaluations define.
+    after a resize to ``eval.resize_size``; under bf16 autocast with ``eval.precision: bf16``):
+    its CLS features after the final norm (fp32) feed the linear probe as they are and the k-NN
+    L2-normalised, which are the features both evaluations define.
 
     Returns:
         ``(knn, linear)``: ``knn`` is ``{backbone: {str(k): {"top1": %, "top5": %}}}``, ``linear``
@@ -789,8 +790,9 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str,
     knn: dict[str, Any] = {}
     probe: dict[str, Any] = {}
     for name, backbone in backbones.items():
-        train_f, train_y = extract_probe_features(backbone, loaders[0], trainer.device)
-        val_f, val_y = extract_probe_features(backbone, loaders[1], trainer.device)
+        with autocast_context(trainer.device, cfg.eval.precision):
+            train_f, train_y = extract_probe_features(backbone, loaders[0], trainer.device)
+            val_f, val_y = extract_probe_features(backbone, loaders[1], trainer.device)
         train_n, val_n = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
         knn[name] = {str(k): knn_classify(train_n, train_y, val_n, val_y, k=k, temperature=cfg.eval.knn_temperature,
                                           num_classes=len(classes) or None) for k in cfg.eval.knn_k}

@@ -144,6 +144,35 @@ def test_eval_report_matches_the_standalone_evaluations(data_root, tmp_path):
         assert linear[name]["feature_dim"] == lin["feature_dim"]
 
 
+def test_eval_report_in_bf16(data_root, tmp_path, monkeypatch):
+    """eval.precision=bf16: every feature pass of the report runs under CPU bf16 autocast (fp32:
+    none does), the features it hands on stay fp32, and fp16 is refused."""
+    import dino_fast.train.loop as loop_mod
+    from dino_fast.config import ConfigError
+
+    seen = []
+    real = loop_mod.extract_probe_features
+
+    def spy(*a, **kw):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+        feats, labels = real(*a, **kw)
+        assert feats.dtype == torch.float32
+        return feats, labels
+
+    monkeypatch.setattr(loop_mod, "extract_probe_features", spy)
+    args = ["train.max_iters=1", f"data.val_root={data_root}", "eval.knn_k=[3]", "eval.image_size=32",
+            "eval.resize_size=32"]
+    for precision, want in (("bf16", (True, torch.bfloat16)), ("fp32", None)):
+        tr = Trainer(tiny_config(data_root, tmp_path / precision, *args, f"eval.precision={precision}"))
+        tr.fit()
+        seen.clear()
+        knn, linear = loop_mod.run_eval_report(tr)
+        assert len(seen) == 4 and set(knn) == set(linear) == {"teacher", "random_init"}
+        assert all(s == want if want else not s[0] for s in seen), (precision, seen)
+    with pytest.raises(ConfigError, match=r"eval.precision must be one of \['fp32', 'bf16'\], got 'fp16'"):
+        tiny_config(data_root, tmp_path / "b", *args, "eval.precision=fp16")
+
+
 def test_eval_report_skips_the_linear_probe_on_one_class(tmp_path):
     """A val split whose folder names one class: k-NN still runs (every vote is right), the
     linear probe, which needs 2 classes, is skipped instead of failing the finished run."""
