@@ -186,9 +186,12 @@ class Trainer:
                 log.warning("%s", w.message)
         self.niter_per_epoch = len(self.loader)
         if self.niter_per_epoch == 0:
+            bs, ws, n = cfg.data.batch_size_per_gpu, self.dist.world_size, self.loader.dataset_size
+            fix = f" to at most {n // ws}" if n >= ws else ""
             raise ValueError(
-                f"the training set at {root} gives 0 batches of {cfg.data.batch_size_per_gpu} per rank "
-                f"over {self.dist.world_size} rank(s): it needs at least batch_size_per_gpu x world_size images"
+                f"the training set at {root} holds {n} images, fewer than one batch of {bs} per rank over "
+                f"{ws} rank(s) (data.batch_size_per_gpu x ranks = {bs * ws}): add images or lower "
+                f"data.batch_size_per_gpu{fix}"
             )
         if cfg.train.iterations > 0:  # the run's length in iterations: derive the epochs from the data size
             epochs = -(-cfg.train.iterations // self.niter_per_epoch)

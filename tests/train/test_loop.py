@@ -353,3 +353,15 @@ def test_compile_mode_is_checked():
         load_config(None, ["model.compile_mode=reduce-overhead"])
     with pytest.raises(ConfigError, match=r"model.compile_mode must be one of .*got 'graphs'"):
         load_config(None, ["model.compile=true", "model.compile_mode=graphs"])
+
+
+def test_a_folder_smaller_than_one_batch_says_how_many_images_and_what_to_set(data_root, tmp_path):
+    """Fewer images than one batch: the error counts them and names the largest batch that fits,
+    before anything is trained or written."""
+    from dino_fast.data.folder import list_image_files
+
+    n = len(list_image_files(data_root)[1])
+    with pytest.raises(ValueError, match=rf"holds {n} images, fewer than one batch of {n + 1} per rank over 1 "
+                                         rf"rank\(s\) .* lower data.batch_size_per_gpu to at most {n}$"):
+        Trainer(tiny_config(data_root, tmp_path / "o", f"data.batch_size_per_gpu={n + 1}"))
+    assert not (tmp_path / "o" / "checkpoint.pth").exists()
