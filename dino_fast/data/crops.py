@@ -171,6 +171,19 @@ class CropSpec:
         """Output side length of crop index ``crop``."""
         return self.global_size if crop < self.global_number else self.local_size
 
+    def decode_min_side(self) -> int:
+        """The shorter image side below which no crop is sampled at less than 2 source pixels per
+        output pixel in either direction: a crop of area ``s * H * W`` and aspect ratio ``r`` has
+        its shorter side at least ``sqrt(s * min(r_lo, 1 / r_hi)) * min(H, W)``, so every crop
+        of every kind keeps 2x when ``min(H, W) >= 2 * size / sqrt(scale_lo * min(r_lo, 1 / r_hi))``
+        (234 px for 64 px crops of scale >= 0.4 and 32 px ones of scale >= 0.1). The folder
+        loader decodes large JPEGs no smaller than this (:func:`dino_fast.data.folder.decode_rgb`)."""
+        q = min(self.ratio[0], 1.0 / self.ratio[1])
+        kinds = [(self.global_size, self.global_scale[0])]
+        if self.local_number:
+            kinds.append((self.local_size, self.local_scale[0]))
+        return max(math.ceil(2.0 * size / math.sqrt(lo * q)) for size, lo in kinds)
+
     def table(self) -> np.ndarray:
         """float64 [n_crops, 4]: (scale_lo, scale_hi, ratio_lo, ratio_hi) per crop index."""
         rows = [(*self.scale_of(c), *self.ratio) for c in range(self.n_crops)]

@@ -11,6 +11,7 @@ converted to RGB when loaded and listed as converted. Images of more than 8 bits
 """
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageRecord", "FolderScan", "list_image_files", "scan_image_folder", "load_rgb", "to_8bit",
+__all__ = ["ImageRecord", "FolderScan", "list_image_files", "scan_image_folder", "load_rgb", "decode_rgb", "to_8bit",
            "available_cores"]
 
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of more than 8 bits per pixel
@@ -100,13 +101,35 @@ def load_rgb(path: str) -> Image.Image:
 
     Raises OSError (PIL's error, with the path in the message) when the file cannot be decoded.
     """
+    return decode_rgb(path)[0]
+
+
+def decode_rgb(path: str, min_side: int = 0) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode ``path`` as :func:`load_rgb` does, but a JPEG whose shorter side is at least twice
+    ``min_side`` is decoded at the coarsest of libjpeg's DCT scales 1/2, 1/4 and 1/8 that keeps
+    its shorter side at least ``min_side`` (PIL's ``Image.draft``): a 4000 x 3000 photo needed at
+    about 250 px then costs a fraction of a full decode. Other formats, and ``min_side`` 0, are
+    decoded at full size.
+
+    Returns:
+        ``(RGB image, (height, width) of the file)``: the image is the file's size or, reduced,
+        about ``(height / k, width / k)`` for k in {2, 4, 8}, so geometry computed on the file's
+        size scales by ``image.width / width`` and ``image.height / height``.
+
+    Raises OSError (PIL's error, with the path in the message) when the file cannot be decoded.
+    """
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            short = min(width, height)
+            if min_side > 0 and img.format == "JPEG" and 2 * min_side <= short:
+                f = min_side / short
+                img.draft(img.mode, (max(1, math.ceil(width * f)), max(1, math.ceil(height * f))))
             img.load()
             if img.mode == "RGB":
-                return img.copy()
+                return img.copy(), (height, width)
             # alpha is dropped, as torchvision's default loader does (``convert("RGB")``)
-            return to_8bit(img).convert("RGB")
+            return to_8bit(img).convert("RGB"), (height, width)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise OSError(f"cannot decode image {path!r}: {e}") from e
 

@@ -34,7 +34,7 @@ from dino_fast.utils.image_stats import IMAGENET_MEAN, IMAGENET_STD
 
 from .base import Batch, LoaderBackend, MultiCropConfig
 from .crops import CropSpec, crop_boxes
-from .folder import FolderScan, available_cores, format_report, load_rgb, scan_image_folder
+from .folder import FolderScan, available_cores, decode_rgb, format_report, scan_image_folder
 
 __all__ = [
     "MultiCropConfig",
@@ -188,16 +188,24 @@ def decode_multicrop(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode one image once and cut all its crops (PIL, bicubic, like RandomResizedCrop).
 
-    Returns ``(global uint8 [G,3,Gs,Gs], local uint8 [L,3,Ls,Ls], boxes int64 [G+L,4])``.
+    The boxes are drawn on the file's size. A JPEG more than twice
+    :meth:`CropSpec.decode_min_side` on its shorter side is decoded at a reduced DCT scale
+    (:func:`dino_fast.data.folder.decode_rgb`) and the same boxes, scaled to it, are cut there.
+
+    Returns ``(global uint8 [G,3,Gs,Gs], local uint8 [L,3,Ls,Ls], boxes int64 [G+L,4])`` (boxes
+    ``(top, left, h, w)`` in the file's pixels).
     """
-    img = load_rgb(path)
-    boxes = crop_boxes(spec, img.height, img.width, seed=seed, epoch=epoch, sample=sample)
+    img, (height, width) = decode_rgb(path, spec.decode_min_side())
+    boxes = crop_boxes(spec, height, width, seed=seed, epoch=epoch, sample=sample)
+    sy, sx = img.height / height, img.width / width
     g = np.empty((spec.global_number, 3, spec.global_size, spec.global_size), dtype=np.uint8)
     loc = np.empty((spec.local_number, 3, spec.local_size, spec.local_size), dtype=np.uint8)
     for c in range(spec.n_crops):
         top, left, h, w = (int(v) for v in boxes[c])
         s = spec.size_of(c)
-        crop = img.resize((s, s), Image.BICUBIC, box=(left, top, left + w, top + h))
+        box = ((left, top, left + w, top + h) if img.size == (width, height)
+               else (left * sx, top * sy, (left + w) * sx, (top + h) * sy))
+        crop = img.resize((s, s), Image.BICUBIC, box=box)
         arr = np.asarray(crop).transpose(2, 0, 1)
         if c < spec.global_number:
             g[c] = arr
@@ -365,8 +373,10 @@ class EvalImageFolder(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         path, label = self.samples[i]
-        img = load_rgb(path)
-        w, h = img.size
+        # a large JPEG decodes at a reduced DCT scale, at least 4x the resize on its shorter side
+        # (as close to a full decode as the training crops' 2x of their smallest crop); the
+        # resize and the crop are computed on the file's size, as for a full decode
+        img, (h, w) = decode_rgb(path, 4 * self.resize_size)
         r = self.resize_size
         if w <= h:
             size = (r, int(r * h / w))

@@ -405,3 +405,48 @@ def test_images_of_more_than_8_bits_are_rescaled_not_clipped(tmp_path: Path) -> 
         assert out.mode == "L" and np.asarray(out).tolist() == expect, (arr.tolist(), np.asarray(out).tolist())
     rgb = Image.new("RGB", (3, 3), (1, 2, 3))
     assert to_8bit(rgb) is rgb
+
+
+def test_large_jpegs_decode_at_a_reduced_dct_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A JPEG more than twice the needed side decodes at libjpeg's 1/2, 1/4 or 1/8 scale, never
+    below the needed side; the crop boxes are still drawn on the file's size and the crops (and
+    the eval loader's centre crop) stay within a fraction of a grey level of a full decode."""
+    import dino_fast.data.loader as loader_mod
+    from dino_fast.data.crops import CropSpec, crop_boxes
+    from dino_fast.data.folder import decode_rgb, load_rgb
+    from dino_fast.data.loader import EvalImageFolder, decode_multicrop
+
+    rs = np.random.default_rng(random.SystemRandom().randrange(2**32))
+    yy, xx = np.mgrid[0:1200, 0:1600]
+    smooth = np.stack([(xx * 255 // 1599), (yy * 255 // 1199), ((xx + yy) * 255 // 2798)], axis=-1)
+    photo = np.clip(smooth + rs.integers(-12, 13, smooth.shape), 0, 255).astype(np.uint8)
+    (tmp_path / "c").mkdir()
+    big, png = tmp_path / "c" / "big.jpg", tmp_path / "c" / "big.png"
+    Image.fromarray(photo).save(big, quality=90)
+    Image.fromarray(photo[:500, :700]).save(png)
+
+    spec = CropSpec(global_size=64, local_size=32, local_number=6, global_scale=(0.4, 1.0), local_scale=(0.1, 0.4))
+    assert spec.decode_min_side() == 234  # 2 * 64 / sqrt(0.4 * 3/4) = 2 * 32 / sqrt(0.1 * 3/4) = 233.7
+    for min_side, size in ((0, (1600, 1200)), (234, (400, 300)), (300, (400, 300)), (301, (800, 600)),
+                           (600, (800, 600)), (601, (1600, 1200))):
+        img, hw = decode_rgb(str(big), min_side)
+        assert hw == (1200, 1600) and img.size == size and img.mode == "RGB", (min_side, img.size)
+        assert min(img.size) >= min_side
+    assert decode_rgb(str(png), 100)[0].size == (700, 500)  # not a JPEG: full size
+    assert load_rgb(str(big)).size == (1600, 1200)
+
+    ev = EvalImageFolder(tmp_path, image_size=64, resize_size=72, num_workers=1)
+    reduced = [decode_multicrop(str(big), spec, seed=7, epoch=1, sample=i) for i in range(3)], ev[0][0]
+    monkeypatch.setattr(CropSpec, "decode_min_side", lambda self: 0)  # from here on: full decodes
+    real = loader_mod.decode_rgb
+    monkeypatch.setattr(loader_mod, "decode_rgb", lambda path, min_side=0: real(path, 0))
+    for sample, (g, loc, boxes) in enumerate(reduced[0]):
+        g0, loc0, boxes0 = decode_multicrop(str(big), spec, seed=7, epoch=1, sample=sample)
+        np.testing.assert_array_equal(boxes, crop_boxes(spec, 1200, 1600, seed=7, epoch=1, sample=sample))
+        np.testing.assert_array_equal(boxes, boxes0)
+        for a, a0 in ((g, g0), (loc, loc0)):
+            diff = np.abs(a.astype(np.int64) - a0.astype(np.int64))
+            assert diff.mean() < 0.5 and diff.max() <= 8, (diff.mean(), diff.max())
+    x, x0 = reduced[1], ev[0][0]
+    assert x.shape == x0.shape == (3, 64, 64)
+    assert (x - x0).abs().mean() < 0.01 and (x - x0).abs().max() < 0.1  # ImageNet-normalised units
