@@ -188,7 +188,7 @@ def decode_multicrop(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Decode one image once and cut all its crops (PIL, bicubic, like RandomResizedCrop).
 
-    The boxes are drawn on the file's size. A JPEG more than twice
+    The boxes are drawn on the file's size. A JPEG at least twice
     :meth:`CropSpec.decode_min_side` on its shorter side is decoded at a reduced DCT scale
     (:func:`dino_fast.data.folder.decode_rgb`) and the same boxes, scaled to it, are cut there.
 
