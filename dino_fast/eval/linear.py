@@ -46,6 +46,7 @@ __all__ = [
     "extract_probe_features",
     "linear_eval",
     "linear_eval_backbone",
+    "linear_eval_features",
     "main",
     "probe_input",
     "select_lr",
@@ -442,10 +443,36 @@ def linear_eval_backbone(
     kw = dict(n_last_blocks=n_last_blocks, avgpool_patchtokens=avgpool_patchtokens)
     train_f, train_y = extract_probe_features(backbone, loaders[0], device, **kw)
     val_f, val_y = extract_probe_features(backbone, loaders[1], device, **kw)
-    res = linear_eval(train_f.to(device), train_y.to(device), val_f.to(device), val_y.to(device),
-                      num_classes=len(train_classes) or None, batch_size=probe_batch, **train_kw)
+    return linear_eval_features(train_f, train_y, val_f, val_y, device=device, num_classes=len(train_classes) or None,
+                                batch_size=probe_batch, **kw, **train_kw)
+
+
+def linear_eval_features(
+    train_feats: torch.Tensor,
+    train_labels: torch.Tensor,
+    val_feats: torch.Tensor,
+    val_labels: torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    n_last_blocks: int = 1,
+    avgpool_patchtokens: bool = False,
+    **train_kw: Any,
+) -> dict[str, Any]:
+    """:func:`linear_eval` on ``device`` of probe features extracted by
+    :func:`extract_probe_features` with ``n_last_blocks`` and ``avgpool_patchtokens`` (features
+    float ``[N, D]`` / ``[M, D]``, labels int64 ``[N]`` / ``[M]``, on any device); ``train_kw`` go
+    to :func:`linear_eval` (``num_classes``, ``epochs``, ``lr``, ``batch_size``, ``weight_decay``,
+    ``momentum``, ``seed``).
+
+    Returns:
+        :func:`linear_eval`'s dict plus ``"n_last_blocks"``, ``"avgpool_patchtokens"`` and
+        ``"feature_dim"`` (D).
+    """
+    device = torch.device(device)
+    res = linear_eval(train_feats.to(device), train_labels.to(device), val_feats.to(device), val_labels.to(device),
+                      **train_kw)
     res.update(n_last_blocks=n_last_blocks, avgpool_patchtokens=avgpool_patchtokens,
-               feature_dim=int(train_f.shape[1]))
+               feature_dim=int(train_feats.shape[1]))
     return res
 
 

@@ -59,7 +59,7 @@ from dino_fast.data.builtin import ensure_builtin_dataset
 from dino_fast.data.sizing import median_image_side
 from dino_fast.eval.collapse import collapse_stats, diagnose, diagnose_gain
 from dino_fast.eval.knn import eval_loaders, knn_classify, run_eval_roots
-from dino_fast.eval.linear import extract_probe_features, linear_eval
+from dino_fast.eval.linear import extract_probe_features, linear_eval_features
 from dino_fast.methods import BatchInfo, Method, StepOutput, build_backbone, build_method, get_method
 from dino_fast.ops.ema import NonFiniteEMAError, TeacherEMA
 from dino_fast.train import fsdp as fsdp_mod
@@ -756,7 +756,7 @@ def _setup_logging(is_main: bool) -> None:
 def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """The end-of-training evaluation on the val split: weighted k-NN (every k of
     ``eval.knn_k``) and, with ``linear``, the linear probe
-    (:func:`dino_fast.eval.linear.linear_eval`: last block's CLS, SGD with a cosine schedule and a
+    (:func:`dino_fast.eval.linear.linear_eval_features`: last block's CLS, SGD with a cosine schedule and a
     held-out lr choice), of the trained teacher and, with ``eval.compare_random_init``, of a
     random-init twin (seeded ``train.seed + 12345``).
 
@@ -800,10 +800,9 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str,
         knn[name] = {str(k): knn_classify(train_n, train_y, val_n, val_y, k=k, temperature=cfg.eval.knn_temperature,
                                           num_classes=len(classes) or None) for k in cfg.eval.knn_k}
         if linear:
-            probe[name] = linear_eval(train_f.to(trainer.device), train_y.to(trainer.device),
-                                      val_f.to(trainer.device), val_y.to(trainer.device), num_classes=len(classes),
-                                      epochs=cfg.eval.linear_epochs, seed=cfg.train.seed)
-            probe[name].update(n_last_blocks=1, avgpool_patchtokens=False, feature_dim=int(train_f.shape[1]))
+            probe[name] = linear_eval_features(train_f, train_y, val_f, val_y, device=trainer.device,
+                                               num_classes=len(classes), epochs=cfg.eval.linear_epochs,
+                                               seed=cfg.train.seed)
     return knn, probe
 
 

@@ -408,7 +408,7 @@ def test_images_of_more_than_8_bits_are_rescaled_not_clipped(tmp_path: Path) -> 
 
 
 def test_large_jpegs_decode_at_a_reduced_dct_scale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A JPEG more than twice the needed side decodes at libjpeg's 1/2, 1/4 or 1/8 scale, never
+    """A JPEG at least twice the needed side decodes at libjpeg's 1/2, 1/4 or 1/8 scale, never
     below the needed side; the crop boxes are still drawn on the file's size and the crops (and
     the eval loader's centre crop) stay within a fraction of a grey level of a full decode."""
     import dino_fast.data.loader as loader_mod
