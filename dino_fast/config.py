@@ -37,6 +37,9 @@ class ModelConfig:
     depth: Optional[int] = None  # None: the architecture's own depth (12)
     drop_path_rate: float = 0.1
     layerscale_init: float = 0.0  # DINOv2's LayerScale init (1e-5); 0: none (official DINO blocks)
+    # read every image in grey (training, evaluation, attention maps; the model does it, so the
+    # checkpoint carries it): for folders whose colours vary at random within a class
+    grayscale_input: bool = False
     attn_backend: str = "auto"  # auto | xformers | sdpa | math
     fused_multicrop_attention: bool = False  # CUDA + xformers: one attention call over all crops
     out_dim: int = 65536

@@ -36,13 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dino_fast.utils.image_stats import IMAGENET_MEAN, IMAGENET_STD
+from dino_fast.utils.image_stats import IMAGENET_MEAN, IMAGENET_STD, LUMA_WEIGHTS
 
 __all__ = ["MultiCropAugment", "PhotometricParams", "rgb_to_grayscale", "adjust_hue", "gaussian_blur", "RAND_OPS",
            "StrongParams", "strong_params_counter", "rand_augment", "random_erasing",
            "counter_uniform"]
 
-_GRAY = (0.299, 0.587, 0.114)
+_GRAY = LUMA_WEIGHTS
 SOLARIZE_THRESHOLD = 128.0 / 255.0
 
 

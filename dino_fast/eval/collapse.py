@@ -445,8 +445,9 @@ def diagnose_gain(teacher_top1: float, random_top1: float, *, min_frac: float = 
         f"features barely better than random init: top-1 {teacher_top1:.1f} against {random_top1:.1f} for the "
         f"random-init twin ({gain:+.1f} points, {100 * gain / room:.0f} % of the {room:.1f} left; threshold "
         f"{100 * min_frac:g} %); unless a collapse warning above explains it, the run probably learnt a cue "
-        "that two crops of one image share but the classes do not (colour is the usual one: try stronger colour "
-        "augmentation, data.grayscale_p, data.color_jitter, data.jitter_p), or the classes need more "
+        "that two crops of one image share but the classes do not (colour is the usual one: if colours vary at "
+        "random within a class, read the images in grey with model.grayscale_input=true; otherwise try stronger "
+        "colour augmentation: data.grayscale_p, data.color_jitter, data.jitter_p), or the classes need more "
         "training (train.iterations) or a larger model")
 
 

@@ -258,5 +258,7 @@ def build_backbone(cfg: TrainConfig, *, teacher: bool, **extra: Any) -> nn.Modul
         kwargs["depth"] = cfg.model.depth
     if cfg.model.layerscale_init > 0:
         kwargs["layerscale_init"] = cfg.model.layerscale_init
+    if cfg.model.grayscale_input:
+        kwargs["grayscale_input"] = True
     kwargs.update(extra)
     return create_backbone(cfg.model.arch, **kwargs)

@@ -25,6 +25,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from dino_fast.utils.image_stats import normalized_to_grayscale
+
 from .attention import Attention, attention_compute_dtype, check_attn_backend, resolve_attn_backend
 
 
@@ -131,6 +133,7 @@ class Block(nn.Module):
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         attn_backend: str = "auto",
         layerscale_init: float = 0.0,
+        grayscale_input: bool = False,
     ) -> None:
         super().__init__()
         if not (isinstance(layerscale_init, (int, float)) and not isinstance(layerscale_init, bool)
@@ -212,8 +215,14 @@ class VisionTransformer(nn.Module):
         layerscale_init: DINOv2's LayerScale on both residual branches of every block, ``gamma``
             initialised to this (DINOv2: 1e-5; keys ``blocks.{i}.ls1.gamma`` / ``ls2.gamma``); 0 (default):
             none, the official DINO architecture and state dict.
+        grayscale_input: read every image in grey: the inputs (RGB normalised with the ImageNet
+            mean and std, as every loader gives them) become their luma, normalised again
+            (:func:`dino_fast.utils.image_stats.normalized_to_grayscale`), before the patch
+            embedding, on every forward path. For image folders whose colours vary at random
+            within a class. No parameters: the state dict is the same. Needs ``in_chans=3``.
 
-    Attributes: ``embed_dim`` (= ``num_features``), ``patch_size``, ``num_heads``, ``depth``.
+    Attributes: ``embed_dim`` (= ``num_features``), ``patch_size``, ``num_heads``, ``depth``,
+    ``grayscale_input``.
     """
 
     def __init__(
@@ -234,6 +243,7 @@ class VisionTransformer(nn.Module):
         attn_backend: str = "auto",
         mask_token: bool = False,
         layerscale_init: float = 0.0,
+        grayscale_input: bool = False,
     ) -> None:
         super().__init__()
         img_size = _as_img_size(img_size)
@@ -245,8 +255,13 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"patch_size ({patch_size}) must not exceed img_size ({img_size})")
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        if not isinstance(grayscale_input, bool):
+            raise ValueError(f"grayscale_input must be a bool, got {grayscale_input!r}")
+        if grayscale_input and in_chans != 3:
+            raise ValueError(f"grayscale_input needs RGB inputs (in_chans=3), got in_chans={in_chans}")
         if norm_layer is None:
             norm_layer = _layer_norm_eps6
+        self.grayscale_input = grayscale_input
         self.attn_backend = check_attn_backend(attn_backend)
         self._auto_log: dict[str, str] = {}
         self.num_features = self.embed_dim = embed_dim
@@ -360,10 +375,12 @@ class VisionTransformer(nn.Module):
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> tokens ``[B, 1 + (H/P)*(W/P), D]`` (CLS first, position
-        embeddings added). ``masks``: optional bool ``[B, (H/P)*(W/P)]``; True patches are
+        embeddings added; the images read in grey first when ``grayscale_input``). ``masks``: optional bool ``[B, (H/P)*(W/P)]``; True patches are
         replaced by the mask token before the position embeddings are added (as DINOv2)."""
         self._check_images(x)
         B, _, w, h = x.shape
+        if self.grayscale_input:
+            x = normalized_to_grayscale(x)
         x = self.patch_embed(x)  # [B, n, D]
         if masks is not None:
             if self.mask_token is None:

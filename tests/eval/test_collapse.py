@@ -282,7 +282,7 @@ def test_diagnose_gain_flags_little_gain_over_random_init():
     # the tints (colour a nuisance): 13.9 against 8.7 closes 5.7 % of the 91.3 points left
     msg = collapse.diagnose_gain(13.9, 8.7)
     assert msg is not None and msg.startswith("features barely better than random init: top-1 13.9 against 8.7")
-    assert "+5.2 points, 6 % of the 91.3 left; threshold 15 %" in msg and "data.grayscale_p" in msg
+    assert "+5.2 points, 6 % of the 91.3 left; threshold 15 %" in msg and "data.grayscale_p" in msg and "model.grayscale_input=true" in msg
     # the held-out photographs: +14.9 of 37.6 left (40 %) is learning, not a shortcut
     assert collapse.diagnose_gain(77.3, 62.4) is None
     # exactly at the threshold passes; just under warns; a worse-than-random teacher warns

@@ -45,3 +45,20 @@ def test_bad_inputs():
         knn_classify(f, y, f, y, k=0)
     with pytest.raises(ValueError, match="one label per feature row"):
         knn_classify(f, y[:3], f, y)
+
+
+def test_an_exported_backbone_keeps_grayscale_input(tmp_path):
+    """The flag lives in the run's config, so every evaluation of its checkpoint reads grey."""
+    import json
+
+    from dino_fast.eval.knn import load_backbone_from_checkpoint
+    from dino_fast.models import vit_tiny
+
+    vit = vit_tiny(patch_size=8, img_size=32, depth=1, grayscale_input=True)
+    torch.save(vit.state_dict(), tmp_path / "teacher_backbone.pth")
+    model = {"arch": "vit_tiny", "patch_size": 8, "depth": 1}
+    for flag in (True, False):
+        (tmp_path / "config.json").write_text(json.dumps(
+            {"model": {**model, "grayscale_input": flag}, "data": {"global_crops_size": 32}}))
+        backbone, cfg = load_backbone_from_checkpoint(tmp_path / "teacher_backbone.pth")
+        assert cfg.model.grayscale_input is flag and backbone.grayscale_input is flag

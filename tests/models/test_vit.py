@@ -315,3 +315,57 @@ def test_layerscale_config_key() -> None:
                        .blocks[0].ls1, "gamma")
     with pytest.raises(ConfigError, match="model.layerscale_init"):
         load_config(None, ["model.layerscale_init=-1.0"])
+
+
+# ------------------------------------------------------------------------- grey input
+def _normalise(img: torch.Tensor) -> torch.Tensor:
+    from dino_fast.utils.image_stats import IMAGENET_MEAN, IMAGENET_STD
+    return (img - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+
+def _same_luma_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two RGB images in [0, 1] with the same luma and different colours (and that luma in grey)."""
+    g = torch.Generator().manual_seed(3)
+    luma = 0.3 + 0.4 * torch.rand(2, 1, 32, 32, generator=g)
+    # move along a chroma direction of zero luma: w . d = 0
+    d = torch.tensor([0.587, -0.299, 0.0]).view(1, 3, 1, 1)
+    chroma = 0.2 * (torch.rand(2, 1, 32, 32, generator=g) - 0.5)
+    return luma.expand(-1, 3, -1, -1) + chroma * d, luma.expand(-1, 3, -1, -1).clone()
+
+
+def test_grayscale_input_sees_luma_only_on_every_forward_path() -> None:
+    torch.manual_seed(0)
+    net = vit_tiny(8, img_size=32, depth=2, grayscale_input=True).eval()
+    plain = vit_tiny(8, img_size=32, depth=2).eval()
+    plain.load_state_dict(net.state_dict())  # the same keys: the flag adds no parameter
+    assert net.grayscale_input and not plain.grayscale_input
+    colour, grey = (_normalise(t) for t in _same_luma_pair())
+    with torch.no_grad():
+        paths = {
+            "forward": lambda m, x: m(x),
+            "forward_features": lambda m, x: m.forward_features(x)["x_norm_patchtokens"],
+            "get_intermediate_layers": lambda m, x: m.get_intermediate_layers(x, 2)[0],
+            "get_last_selfattention": lambda m, x: m.get_last_selfattention(x),
+            "forward_packed": lambda m, x: m.forward_packed([x, x[:, :, :16, :16]], backend="sdpa"),
+        }
+        for name, f in paths.items():
+            torch.testing.assert_close(f(net, colour), f(net, grey), rtol=1e-5, atol=1e-5, msg=name)
+            # a grey image passes unchanged, so the flag is the plain model on grey images
+            torch.testing.assert_close(f(net, grey), f(plain, grey), rtol=1e-5, atol=1e-5, msg=name)
+            assert (f(plain, colour) - f(plain, grey)).abs().max() > 1e-3, name  # without it colour counts
+
+
+def test_grayscale_input_rejects_bad_values_and_config_key() -> None:
+    from dino_fast.config import ConfigError, load_config
+    from dino_fast.methods.base import build_backbone
+
+    with pytest.raises(ValueError, match="grayscale_input must be a bool, got 1"):
+        vit_tiny(16, depth=1, grayscale_input=1)
+    with pytest.raises(ValueError, match=r"needs RGB inputs \(in_chans=3\), got in_chans=1"):
+        vit_tiny(16, depth=1, in_chans=1, grayscale_input=True)
+    on = build_backbone(load_config(None, ["model.arch=vit_tiny", "model.depth=1", "model.grayscale_input=true"]),
+                        teacher=True)
+    off = build_backbone(load_config(None, ["model.arch=vit_tiny", "model.depth=1"]), teacher=False)
+    assert on.grayscale_input is True and off.grayscale_input is False
+    with pytest.raises(ConfigError, match="model.grayscale_input"):
+        load_config(None, ["model.grayscale_input=2"])
