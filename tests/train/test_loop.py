@@ -229,6 +229,26 @@ def test_colour_augmentation_comes_from_the_config(data_root, tmp_path):
     assert tr.augment.jitter_ranges == ((0.8, 1.2), (0.7, 1.3), (0.5, 1.5), (-0.5, 0.5))
 
 
+def test_grayscale_input_reaches_every_backbone_and_the_export(data_root, tmp_path):
+    """model.grayscale_input: student, teacher, the random-init twin of the evaluation and the
+    exported teacher backbone all read grey, and the evaluation's features ignore colour."""
+    from dino_fast.eval.knn import load_backbone_from_checkpoint
+
+    tr = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=2", "model.grayscale_input=true"))
+    tr.fit()
+    assert tr.method.student.backbone.grayscale_input and tr.method.teacher.backbone.grayscale_input
+    assert build_backbone(tr.cfg, teacher=True).grayscale_input  # how run_eval_report builds the twin
+    exported, cfg = load_backbone_from_checkpoint(tmp_path / "teacher_backbone.pth")
+    assert cfg.model.grayscale_input and exported.grayscale_input
+    x = torch.randn(2, 3, 32, 32)
+    swapped = x[:, [2, 0, 1]]  # other colours, and another luma: the features must differ
+    luma_same = x + torch.tensor([0.587 / 0.229, -0.299 / 0.224, 0.0]).view(1, 3, 1, 1) * 0.1  # chroma only
+    with torch.no_grad():
+        f = exported.eval()(x)
+        torch.testing.assert_close(exported(luma_same), f, rtol=1e-4, atol=1e-4)
+        assert (exported(swapped) - f).abs().max() > 1e-3
+
+
 def test_knn_report_skipped_without_val_root(data_root, tmp_path):
     from dino_fast.train.loop import run_eval_report
 
