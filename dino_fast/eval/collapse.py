@@ -36,6 +36,7 @@ __all__ = [
     "collapse_stats",
     "diagnose",
     "diagnose_gain",
+    "diagnose_colour",
     "effective_rank",
     "entropy_from_logits",
     "feature_std",
@@ -449,6 +450,43 @@ def diagnose_gain(teacher_top1: float, random_top1: float, *, min_frac: float = 
         "random within a class, read the images in grey with model.grayscale_input=true; otherwise try stronger "
         "colour augmentation: data.grayscale_p, data.color_jitter, data.jitter_p), or the classes need more "
         "training (train.iterations) or a larger model")
+
+
+def diagnose_colour(colour_top1: float, grey_top1: float, *, margin: float = 2.0) -> str:
+    """Which way colour pulls on a labelled val split, from one random-init backbone read twice.
+
+    When :func:`diagnose_gain` fires, the trainer evaluates its random-init twin once more with
+    ``model.grayscale_input`` (the same weights: the flag adds no parameter), so that the two
+    top-1 figures differ only by the colour the model is shown. A random network's features
+    follow colour where there is colour; if they sort the classes better without it, colour is
+    noise in this folder, and reading grey is the fix to try.
+
+    Args:
+        colour_top1, grey_top1: top-1 accuracies in % (floats in [0, 100]) of the same
+            random-init backbone on colour and on grey inputs, same evaluation.
+        margin: points (a float >= 0) by which one must beat the other to count.
+
+    Returns:
+        One line for the log: grey ahead by more than ``margin`` -> "colour looks like noise
+        here" and the flag to set; colour ahead by more than ``margin`` -> "colour carries the
+        classes here" (keep it); otherwise that colour barely matters to the twin.
+
+    Raises:
+        ValueError: an accuracy outside [0, 100] or not a number, or ``margin`` negative.
+    """
+    for name, v in (("colour_top1", colour_top1), ("grey_top1", grey_top1)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 100.0:
+            raise ValueError(f"{name}: expected a top-1 accuracy in % in [0, 100], got {v!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0.0:
+        raise ValueError(f"margin: expected points >= 0, got {margin!r}")
+    figures = f"the random-init twin's top-1 is {grey_top1:.1f} in grey against {colour_top1:.1f} in colour"
+    if grey_top1 > colour_top1 + margin:
+        return (f"colour looks like noise here: {figures}; train with model.grayscale_input=true (the model then "
+                "reads every image in grey, in training and in every evaluation)")
+    if colour_top1 > grey_top1 + margin:
+        return (f"colour carries the classes here: {figures}; keep it (model.grayscale_input would lose it) and look "
+                "for the shortcut elsewhere")
+    return f"colour barely matters to the classes here: {figures} (within {margin:g} points)"
 
 
 def format_stats(stats: CollapseStats) -> str:

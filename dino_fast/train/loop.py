@@ -57,7 +57,7 @@ from dino_fast.config import CUDA_GRAPH_COMPILE_MODES, ConfigError, TrainConfig,
 from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_loader
 from dino_fast.data.builtin import ensure_builtin_dataset
 from dino_fast.data.sizing import median_image_side
-from dino_fast.eval.collapse import collapse_stats, diagnose, diagnose_gain
+from dino_fast.eval.collapse import collapse_stats, diagnose, diagnose_colour, diagnose_gain
 from dino_fast.eval.knn import eval_loaders, knn_classify, run_eval_roots
 from dino_fast.eval.linear import extract_probe_features, linear_eval_features
 from dino_fast.methods import BatchInfo, Method, StepOutput, build_backbone, build_method, get_method
@@ -72,6 +72,8 @@ from dino_fast.utils.finite import NonFiniteError, all_finite, check_finite
 from dino_fast.utils.schedules import cosine_scheduler
 
 log = logging.getLogger("dino_fast.train")
+# the k-NN report's key for the random-init twin read in grey (run_eval_report)
+GREY_TWIN = "random_init_grayscale"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -765,6 +767,12 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str,
     its CLS features after the final norm (fp32) feed the linear probe as they are and the k-NN
     L2-normalised, which are the features both evaluations define.
 
+    When the teacher's k-NN (at the first k) barely beats the twin's
+    (:func:`dino_fast.eval.collapse.diagnose_gain` fires) and the model reads colour, the twin's
+    weights are read once more with ``model.grayscale_input`` (k-NN only, key ``GREY_TWIN``), so
+    that the report can say whether colour carries the classes or hides them
+    (:func:`dino_fast.eval.collapse.diagnose_colour`).
+
     Returns:
         ``(knn, linear)``: ``knn`` is ``{backbone: {str(k): {"top1": %, "top5": %}}}``, ``linear``
         ``{backbone: linear_eval's dict}``; ``({}, {})`` without an image-folder val split, and
@@ -790,19 +798,35 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str,
     if cfg.eval.compare_random_init:
         torch.manual_seed(cfg.train.seed + 12345)
         backbones["random_init"] = build_backbone(cfg, teacher=True).to(trainer.device)
-    knn: dict[str, Any] = {}
-    probe: dict[str, Any] = {}
-    for name, backbone in backbones.items():
+
+    def features(backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with autocast_context(trainer.device, cfg.eval.precision):
             train_f, train_y = extract_probe_features(backbone, loaders[0], trainer.device)
             val_f, val_y = extract_probe_features(backbone, loaders[1], trainer.device)
+        return train_f, train_y, val_f, val_y
+
+    def knn_of(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor,
+               val_y: torch.Tensor) -> dict[str, Any]:
         train_n, val_n = F.normalize(train_f, dim=1), F.normalize(val_f, dim=1)
-        knn[name] = {str(k): knn_classify(train_n, train_y, val_n, val_y, k=k, temperature=cfg.eval.knn_temperature,
-                                          num_classes=len(classes) or None) for k in cfg.eval.knn_k}
+        return {str(k): knn_classify(train_n, train_y, val_n, val_y, k=k, temperature=cfg.eval.knn_temperature,
+                                     num_classes=len(classes) or None) for k in cfg.eval.knn_k}
+
+    knn: dict[str, Any] = {}
+    probe: dict[str, Any] = {}
+    for name, backbone in backbones.items():
+        train_f, train_y, val_f, val_y = features(backbone)
+        knn[name] = knn_of(train_f, train_y, val_f, val_y)
         if linear:
             probe[name] = linear_eval_features(train_f, train_y, val_f, val_y, device=trainer.device,
                                                num_classes=len(classes), epochs=cfg.eval.linear_epochs,
                                                seed=cfg.train.seed)
+    k = str(cfg.eval.knn_k[0])  # the k the report reads
+    if "random_init" in knn and not cfg.model.grayscale_input \
+            and diagnose_gain(knn["teacher"][k]["top1"], knn["random_init"][k]["top1"]) is not None:
+        # the same random weights read in grey: does colour help the classes or hide them?
+        torch.manual_seed(cfg.train.seed + 12345)
+        grey = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, grayscale_input=True))
+        knn[GREY_TWIN] = knn_of(*features(build_backbone(grey, teacher=True).to(trainer.device)))
     return knn, probe
 
 
@@ -874,9 +898,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _print_knn_report(report: dict[str, Any]) -> None:
     print("k-NN on the val split (weighted, cosine, T=0.07):")
+    width = max(12, *(len(name) for name in report))
     for name, res in report.items():
         cells = ", ".join(f"k={k}: top1 {v['top1']:.1f} top5 {v['top5']:.1f}" for k, v in res.items())
-        print(f"  {name:<12} {cells}")
+        print(f"  {name:<{width}} {cells}")
     if "teacher" in report and "random_init" in report:
         k = next(iter(report["teacher"]))
         gain = report["teacher"][k]["top1"] - report["random_init"][k]["top1"]
@@ -884,3 +909,6 @@ def _print_knn_report(report: dict[str, Any]) -> None:
         warning = diagnose_gain(report["teacher"][k]["top1"], report["random_init"][k]["top1"])
         if warning:
             log.warning("k-NN at k=%s: %s", k, warning)
+        if GREY_TWIN in report:
+            log.warning("k-NN at k=%s: %s", k,
+                        diagnose_colour(report["random_init"][k]["top1"], report[GREY_TWIN][k]["top1"]))

@@ -303,3 +303,23 @@ def test_diagnose_gain_rejects_what_is_not_an_accuracy(bad):
         collapse.diagnose_gain(10.0, bad)
     with pytest.raises(ValueError, match=r"min_frac: expected a fraction in \[0, 1\], got 2"):
         collapse.diagnose_gain(10.0, 10.0, min_frac=2)
+
+
+def test_diagnose_colour_says_which_way_colour_pulls():
+    """Hand values: the tints' random-init twin (8.7 in colour, 14.8 read in grey) and the
+    scenes' (64.8 against 48.3), then a tie and the margin's edges."""
+    msg = collapse.diagnose_colour(8.7, 14.8)
+    assert msg.startswith("colour looks like noise here: the random-init twin's top-1 is 14.8 in grey against 8.7")
+    assert "model.grayscale_input=true" in msg
+    assert collapse.diagnose_colour(64.8, 48.3).startswith("colour carries the classes here")
+    assert collapse.diagnose_colour(15.1, 15.1).startswith("colour barely matters") and "within 2 points" in \
+        collapse.diagnose_colour(15.1, 15.1)
+    assert collapse.diagnose_colour(10.0, 12.0).startswith("colour barely matters")  # exactly the margin: a tie
+    assert collapse.diagnose_colour(10.0, 12.01).startswith("colour looks like noise")
+    assert collapse.diagnose_colour(10.0, 10.5, margin=0.0).startswith("colour looks like noise")
+    for bad in ({"colour_top1": 101.0, "grey_top1": 1.0}, {"colour_top1": 1.0, "grey_top1": float("nan")},
+                {"colour_top1": True, "grey_top1": 1.0}):
+        with pytest.raises(ValueError, match="expected a top-1 accuracy in % in"):
+            collapse.diagnose_colour(**bad)
+    with pytest.raises(ValueError, match="margin: expected points >= 0, got -1"):
+        collapse.diagnose_colour(1.0, 2.0, margin=-1)

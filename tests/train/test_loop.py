@@ -8,7 +8,7 @@ import torch
 from dino_fast.methods import build_backbone
 from dino_fast.train.loop import NonFiniteLossError, Trainer, main
 from dino_fast.utils import checkpoint as ck
-from tests._train_utils import read_losses, tiny_config, write_config
+from tests._train_utils import make_image_folder, read_losses, tiny_config, write_config
 
 
 def _weights(path):
@@ -201,6 +201,8 @@ def test_train_warns_when_the_features_barely_beat_random_init(data_root, tmp_pa
 
     def report(k_t, k_r, l_t, l_r):
         knn = {"teacher": {"20": {"top1": k_t, "top5": 50.0}}, "random_init": {"20": {"top1": k_r, "top5": 50.0}}}
+        if k_t - k_r < 10:  # run_eval_report adds the grey twin where the gain is small
+            knn[loop_mod.GREY_TWIN] = {"20": {"top1": 14.8, "top5": 50.0}}
         linear = {name: {"top1": t, "top5": 50.0, "lr": 0.1, "epochs": 1}
                   for name, t in (("teacher", l_t), ("random_init", l_r))}
         return lambda tr, **kw: (knn, linear)
@@ -215,6 +217,38 @@ def test_train_warns_when_the_features_barely_beat_random_init(data_root, tmp_pa
             assert main(["--config", str(cfg_path)]) == 0
         got = [r.getMessage() for r in caplog.records if "features barely better than random init" in r.getMessage()]
         assert [m.split(":")[0] for m in got] == want, got
+        colour = [r.getMessage() for r in caplog.records if "colour looks like noise here" in r.getMessage()]
+        assert len(colour) == (1 if want else 0), colour
+        if want:
+            assert "14.8 in grey against 8.7 in colour" in colour[0] and "model.grayscale_input=true" in colour[0]
+
+
+def test_eval_report_reads_the_twin_in_grey_when_the_gain_is_small(data_root, tmp_path, monkeypatch):
+    """Only when diagnose_gain fires, and only for a model that reads colour: the random-init
+    twin's own weights read in grey, k-NN as knn_eval_backbone gives it."""
+    import dino_fast.train.loop as loop_mod
+    from dino_fast.eval.knn import knn_eval_backbone
+    from dino_fast.train.loop import GREY_TWIN, run_eval_report
+
+    val = make_image_folder(tmp_path / "val", per_class=6, seed=1)
+    ev = ("eval.knn_k=[1, 3]", "eval.image_size=32", "eval.resize_size=40", f"data.val_root={val}")
+    tr = Trainer(tiny_config(data_root, tmp_path / "a", "train.max_iters=1", *ev))
+    tr.fit()
+    monkeypatch.setattr(loop_mod, "diagnose_gain", lambda *a, **kw: None)
+    assert GREY_TWIN not in run_eval_report(tr, linear=False)[0]
+    monkeypatch.setattr(loop_mod, "diagnose_gain", lambda *a, **kw: "barely")
+    knn, _ = run_eval_report(tr, linear=False)
+    torch.manual_seed(tr.cfg.train.seed + 12345)
+    twin = build_backbone(tr.cfg, teacher=True)
+    twin.grayscale_input = True  # the same weights, read in grey
+    want = knn_eval_backbone(twin, data_root, val, ks=(1, 3), image_size=32, resize_size=40,
+                             batch_size=tr.cfg.eval.batch_size)
+    for k in ("1", "3"):
+        assert knn[GREY_TWIN][k] == pytest.approx(want[k], abs=1e-9), k
+    assert knn[GREY_TWIN] != knn["random_init"]  # the folder's polygons are coloured: grey changes the figures
+    grey = Trainer(tiny_config(data_root, tmp_path / "b", "train.max_iters=1", "model.grayscale_input=true", *ev))
+    grey.fit()
+    assert GREY_TWIN not in run_eval_report(grey, linear=False)[0]  # already grey: nothing to compare
 
 
 def test_colour_augmentation_comes_from_the_config(data_root, tmp_path):
