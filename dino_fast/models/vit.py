@@ -133,7 +133,6 @@ class Block(nn.Module):
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         attn_backend: str = "auto",
         layerscale_init: float = 0.0,
-        grayscale_input: bool = False,
     ) -> None:
         super().__init__()
         if not (isinstance(layerscale_init, (int, float)) and not isinstance(layerscale_init, bool)
@@ -375,8 +374,9 @@ class VisionTransformer(nn.Module):
 
     def prepare_tokens(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> tokens ``[B, 1 + (H/P)*(W/P), D]`` (CLS first, position
-        embeddings added; the images read in grey first when ``grayscale_input``). ``masks``: optional bool ``[B, (H/P)*(W/P)]``; True patches are
-        replaced by the mask token before the position embeddings are added (as DINOv2)."""
+        embeddings added; the images read in grey first when ``grayscale_input``). ``masks``:
+        optional bool ``[B, (H/P)*(W/P)]``; True patches are replaced by the mask token before the
+        position embeddings are added (as DINOv2)."""
         self._check_images(x)
         B, _, w, h = x.shape
         if self.grayscale_input:
