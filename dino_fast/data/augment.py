@@ -42,7 +42,6 @@ __all__ = ["MultiCropAugment", "PhotometricParams", "rgb_to_grayscale", "adjust_
            "StrongParams", "strong_params_counter", "rand_augment", "random_erasing",
            "counter_uniform"]
 
-_GRAY = LUMA_WEIGHTS
 SOLARIZE_THRESHOLD = 128.0 / 255.0
 
 
@@ -126,8 +125,8 @@ def counter_uniform(seed: int, epoch: int, samples: np.ndarray, crops: np.ndarra
 
 def rgb_to_grayscale(x: Tensor) -> Tensor:
     """Luma (ITU-R 601-2, as PIL's ``convert('L')``) of float RGB ``[N, 3, H, W]`` -> ``[N, 1, H, W]``."""
-    y = x[:, 0:1] * _GRAY[0]
-    y.add_(x[:, 1:2], alpha=_GRAY[1]).add_(x[:, 2:3], alpha=_GRAY[2])
+    y = x[:, 0:1] * LUMA_WEIGHTS[0]
+    y.add_(x[:, 1:2], alpha=LUMA_WEIGHTS[1]).add_(x[:, 2:3], alpha=LUMA_WEIGHTS[2])
     return y
 
 

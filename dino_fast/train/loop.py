@@ -769,9 +769,9 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str,
 
     When the teacher's k-NN (at the first k) barely beats the twin's
     (:func:`dino_fast.eval.collapse.diagnose_gain` fires) and the model reads colour, the twin's
-    weights are read once more with ``model.grayscale_input`` (k-NN only, key ``GREY_TWIN``), so
-    that the report can say whether colour carries the classes or hides them
-    (:func:`dino_fast.eval.collapse.diagnose_colour`).
+    weights are read once more with ``grayscale_input`` on (k-NN only, key ``GREY_TWIN``; a
+    backbone without that option is left out), so that the report can say whether colour
+    carries the classes or hides them (:func:`dino_fast.eval.collapse.diagnose_colour`).
 
     Returns:
         ``(knn, linear)``: ``knn`` is ``{backbone: {str(k): {"top1": %, "top5": %}}}``, ``linear``
@@ -821,12 +821,13 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str,
                                                num_classes=len(classes), epochs=cfg.eval.linear_epochs,
                                                seed=cfg.train.seed)
     k = str(cfg.eval.knn_k[0])  # the k the report reads
-    if "random_init" in knn and not cfg.model.grayscale_input \
+    twin = backbones.get("random_init")
+    if twin is not None and hasattr(twin, "grayscale_input") and not twin.grayscale_input \
             and diagnose_gain(knn["teacher"][k]["top1"], knn["random_init"][k]["top1"]) is not None:
-        # the same random weights read in grey: does colour help the classes or hide them?
-        torch.manual_seed(cfg.train.seed + 12345)
-        grey = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, grayscale_input=True))
-        knn[GREY_TWIN] = knn_of(*features(build_backbone(grey, teacher=True).to(trainer.device)))
+        # the same random weights read in grey (the flag adds no parameter): does colour help the
+        # classes or hide them? (a backbone without the option is left out)
+        twin.grayscale_input = True
+        knn[GREY_TWIN] = knn_of(*features(twin))
     return knn, probe
 
 

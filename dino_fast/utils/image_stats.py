@@ -33,9 +33,8 @@ def normalized_to_grayscale(
         raise ValueError(f"expected floating-point normalised RGB images [B, 3, H, W], got {got}")
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise ValueError(f"mean and std must hold 3 values (std > 0), got {tuple(mean)!r} and {tuple(std)!r}")
-    # L = sum_c w_c (std_c x_c + mean_c) = sum_c (w_c std_c) x_c + (w . mean)
-    a = torch.tensor([w * s for w, s in zip(LUMA_WEIGHTS, std)], dtype=x.dtype, device=x.device)
-    luma = torch.einsum("bchw,c->bhw", x, a).unsqueeze(1) + sum(w * m for w, m in zip(LUMA_WEIGHTS, mean))
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return (luma - m) / s
+    # L = sum_c w_c (std_c x_c + mean_c) = sum_c (w_c std_c) x_c + (w . mean); Python scalars
+    # only, so no constant tensor is made (or copied to the device) on every forward
+    a = [w * sd for w, sd in zip(LUMA_WEIGHTS, std)]
+    luma = x[:, 0:1] * a[0] + x[:, 1:2] * a[1] + x[:, 2:3] * a[2] + sum(w * m for w, m in zip(LUMA_WEIGHTS, mean))
+    return torch.cat([(luma - m) / sd for m, sd in zip(mean, std)], dim=1)
