@@ -46,6 +46,9 @@ __all__ = [
 
 RANKME_EPS = 1e-7  # Garrido et al. 2023: p_k = sigma_k / ||sigma||_1 + eps
 PROB_SUM_TOL = 1e-3  # how far a probability row may sum from 1 (fp16/bf16 softmax outputs pass)
+# diagnose_gain: below this many labelled train images in a class, the end-of-run k-NN and probe
+# understate the features (docs/NOTEBOOK.md, "A few hundred images")
+FEW_LABELS_PER_CLASS = 50
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,7 +414,9 @@ def diagnose(
     return out
 
 
-def diagnose_gain(teacher_top1: float, random_top1: float, *, min_frac: float = 0.15) -> Optional[str]:
+def diagnose_gain(teacher_top1: float, random_top1: float, *, min_frac: float = 0.15,
+                  labels_per_class: Optional[int] = None,
+                  few_labels: int = FEW_LABELS_PER_CLASS) -> Optional[str]:
     """A warning when training gained little over random init on a labelled val split; else ``None``.
 
     The collapse measures above watch the head and the features during training; a run can pass
@@ -422,10 +427,19 @@ def diagnose_gain(teacher_top1: float, random_top1: float, *, min_frac: float = 
     the random-init twin's top-1 and 100 %, i.e. when ``teacher - random < min_frac * (100 -
     random)`` (default 15 %). A random twin at 100 % leaves nothing to gain and is not flagged.
 
+    Few labels compress the gain whatever the features hold: with tens of labelled train images
+    per class, k-NN and a probe both sort the val split worse, the trained teacher's more than
+    its twin's. When the evaluation's train split has fewer than ``few_labels`` images in its
+    smallest class, the warning says so first and names the commands that read the same teacher
+    against a larger labelled folder.
+
     Args:
         teacher_top1, random_top1: top-1 accuracies in % (floats in [0, 100]) of the trained
             teacher and of the random-init twin, from the same evaluation (k-NN or linear probe).
         min_frac: a fraction in [0, 1].
+        labels_per_class: images in the smallest class of the evaluation's train split (an int
+            >= 0), or ``None`` when unknown.
+        few_labels: below this many (an int >= 1) the warning names the label count.
 
     Returns:
         The warning naming the symptom, the measured values against the threshold and what to
@@ -438,14 +452,25 @@ def diagnose_gain(teacher_top1: float, random_top1: float, *, min_frac: float = 
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 100.0:
             raise ValueError(f"{name}: expected a top-1 accuracy in % in [0, 100], got {v!r}")
     min_frac = _check_frac("min_frac", min_frac)
+    if labels_per_class is not None and (isinstance(labels_per_class, bool) or not isinstance(labels_per_class, int)
+                                         or labels_per_class < 0):
+        raise ValueError(f"labels_per_class: expected an image count (int >= 0) or None, got {labels_per_class!r}")
+    if isinstance(few_labels, bool) or not isinstance(few_labels, int) or few_labels < 1:
+        raise ValueError(f"few_labels: expected an int >= 1, got {few_labels!r}")
     room = 100.0 - float(random_top1)
     gain = float(teacher_top1) - float(random_top1)
     if room <= 0.0 or gain >= min_frac * room:
         return None
+    few = ""
+    if labels_per_class is not None and labels_per_class < few_labels:
+        few = (f"the evaluation's train split has only {labels_per_class} labelled image(s) in its smallest class "
+               f"(under {few_labels}), which holds both figures down whatever the features learnt: read the teacher "
+               "against a larger labelled folder first (dino-fast knn / dino-fast linear --checkpoint CKPT --train "
+               "DIR --val DIR); ")
     return (
         f"features barely better than random init: top-1 {teacher_top1:.1f} against {random_top1:.1f} for the "
         f"random-init twin ({gain:+.1f} points, {100 * gain / room:.0f} % of the {room:.1f} left; threshold "
-        f"{100 * min_frac:g} %); unless a collapse warning above explains it, the run probably learnt a cue "
+        f"{100 * min_frac:g} %); {few}unless a collapse warning above explains it, the run probably learnt a cue "
         "that two crops of one image share but the classes do not (colour is the usual one: if colours vary at "
         "random within a class, read the images in grey with model.grayscale_input=true; otherwise try stronger "
         "colour augmentation: data.grayscale_p, data.color_jitter, data.jitter_p), or the classes need more "

@@ -14,9 +14,11 @@ Differences from the official script, both for speed on small problems:
 - the backbone runs once: features of the centre crop are cached and the classifier trains on
   them (the official script re-augments every epoch with random-resized crops and flips);
 - the learning rate, unless given, is picked by a sweep over :data:`LR_GRID` on a stratified
-  10 % held-out split of the train features (then refit on all of them). DINOv2's linear
-  evaluation likewise trains a grid of classifiers and keeps the best one; here the pick is
-  made on held-out train features, so the val score is not selected on.
+  10 % held-out split of the train features (then refit on all of them); when that split would
+  hold fewer than :data:`MIN_HOLDOUT` images, by stratified 10-fold cross-validation instead, so
+  that every train image is held out once. DINOv2's linear evaluation likewise trains a grid of
+  classifiers and keeps the best one; here the pick is made on held-out train features, so the
+  val score is not selected on.
 
 Why a sweep rather than the official default (0.001 x batch / 256): that lr is tuned for
 ImageNet's ~5000 iterations per epoch. A small set gives a few iterations per epoch, and the
@@ -58,6 +60,10 @@ __all__ = [
 # strong early stopping (1e-4) to a few hundred iterations on well-separated classes (1.0).
 LR_GRID: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 HOLDOUT_FRAC = 0.1
+# below this many held-out images the sweep pools 1 / HOLDOUT_FRAC stratified folds instead of one
+# split: a held-out top-1 of n images has a binomial sd of 50 / sqrt(n) points at 50 % (3.5 at
+# 200, 9 at 30), as large as the gaps between neighbouring lrs
+MIN_HOLDOUT = 200
 
 
 # --------------------------------------------------------------------------------------------
@@ -240,6 +246,24 @@ def _scores(w: torch.Tensor, b: torch.Tensor, x: torch.Tensor, y: torch.Tensor) 
     return acc.tolist(), loss.tolist()
 
 
+def _stratified_folds(y: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
+    """Fold index (int64 ``[N]``, in ``[0, folds)``, or -1) of every sample: each class's samples
+    in a random order (from ``seed``) dealt round-robin over the folds, starting at a random fold,
+    so every fold holds ``floor`` or ``ceil`` of ``n_c / folds`` of class c; classes with one
+    sample get -1 (never held out)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed + 2)
+    y_cpu = y.cpu()
+    fold = torch.full((len(y_cpu),), -1, dtype=torch.long)
+    for c in torch.unique(y_cpu).tolist():
+        idx = torch.nonzero(y_cpu == c).flatten()
+        if len(idx) < 2:
+            continue
+        idx = idx[torch.randperm(len(idx), generator=gen)]
+        start = int(torch.randint(folds, (1,), generator=gen))
+        fold[idx] = (torch.arange(len(idx)) + start) % folds
+    return fold
+
+
 def _stratified_split(y: torch.Tensor, frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train idx, held-out idx): ``floor(frac * n_c)`` of each class, at least one from every
     class with >= 2 samples; classes with one sample stay in train."""
@@ -267,8 +291,9 @@ def select_lr(
     weight_decay: float = 0.0,
     momentum: float = 0.9,
     seed: int = 0,
+    min_holdout: int = MIN_HOLDOUT,
 ) -> tuple[float, dict[str, float]]:
-    """Pick the SGD learning rate of the probe by a sweep on a held-out part of the train set.
+    """Pick the SGD learning rate of the probe by a sweep on held-out parts of the train set.
 
     A stratified ``holdout_frac`` of the train features (at least one sample of every class
     that has two) is held out; one classifier per lr in ``lrs`` trains on the rest (all at once,
@@ -276,6 +301,12 @@ def select_lr(
     ties broken by the lower held-out cross-entropy, then by the smaller lr. Diverged runs
     (non-finite weights) never win. When nothing can be held out (every class has one
     sample) the train loss decides.
+
+    When that split would hold fewer than ``min_holdout`` samples, the sweep cross-validates
+    instead: ``round(1 / holdout_frac)`` stratified folds (:func:`_stratified_folds`), each held
+    out once while the classifiers train on the others, and the top-1 and cross-entropy pooled
+    over every held-out sample (a run that diverges on any fold never wins). With ``min_holdout=0``
+    the single split is always used.
 
     Returns:
         (best lr, ``{str(lr): held-out top-1 %}`` for every lr tried; -1 for a diverged run).
@@ -288,14 +319,38 @@ def select_lr(
         raise ValueError("lrs: expected at least one learning rate to try")
     if not 0.0 < holdout_frac < 1.0:
         raise ValueError(f"holdout_frac must be in (0, 1), got {holdout_frac!r}")
+    if isinstance(min_holdout, bool) or not isinstance(min_holdout, int) or min_holdout < 0:
+        raise ValueError(f"min_holdout must be an int >= 0, got {min_holdout!r}")
     x = train_feats.float()
     y = train_labels.long().to(x.device)
+    fit_kw = dict(epochs=epochs, batch_size=batch_size, weight_decay=weight_decay, momentum=momentum, seed=seed)
     fit_idx, held_idx = _stratified_split(y, holdout_frac, seed)
+    folds = max(2, round(1.0 / holdout_frac))
+    if 0 < len(held_idx) < min_holdout:
+        fold = _stratified_folds(y, folds, seed).to(x.device)
+        n_held = 0
+        acc_sum, loss_sum = [0.0] * len(lrs), [0.0] * len(lrs)
+        diverged = [False] * len(lrs)
+        for f in range(folds):
+            held = fold == f
+            m = int(held.sum())
+            if m == 0:
+                continue
+            w, b = _fit_sgd(x[~held], y[~held], num_classes, lrs, **fit_kw)
+            a, lo = _scores(w, b, x[held], y[held])
+            for i in range(len(lrs)):
+                diverged[i] = diverged[i] or a[i] < 0.0
+                acc_sum[i] += a[i] * m
+                loss_sum[i] += lo[i] * m
+            n_held += m
+        acc = [-1.0 if diverged[i] else acc_sum[i] / n_held for i in range(len(lrs))]
+        loss = [math.inf if diverged[i] else loss_sum[i] / n_held for i in range(len(lrs))]
+        best = min(range(len(lrs)), key=lambda i: (-acc[i], loss[i], lrs[i]))
+        return lrs[best], {f"{lr:g}": a for lr, a in zip(lrs, acc)}
     if len(held_idx) == 0:
         fit_idx = held_idx = torch.arange(len(y))
     fit_idx, held_idx = fit_idx.to(x.device), held_idx.to(x.device)
-    w, b = _fit_sgd(x[fit_idx], y[fit_idx], num_classes, lrs, epochs=epochs, batch_size=batch_size,
-                    weight_decay=weight_decay, momentum=momentum, seed=seed)
+    w, b = _fit_sgd(x[fit_idx], y[fit_idx], num_classes, lrs, **fit_kw)
     acc, loss = _scores(w, b, x[held_idx], y[held_idx])
     best = min(range(len(lrs)), key=lambda i: (-acc[i], loss[i], lrs[i]))
     return lrs[best], {f"{lr:g}": a for lr, a in zip(lrs, acc)}
@@ -326,7 +381,8 @@ def train_linear(
         train_feats: ``[N, D]`` float. train_labels: ``[N]`` int in ``[0, num_classes)``.
         num_classes: C >= 2.
         lr: the SGD step size. None: :func:`select_lr` picks it from :data:`LR_GRID` on a 10 %
-            held-out split of these features, and the probe is then refit on all of them. (The
+            held-out split of these features (10-fold cross-validation when that split would
+            hold under :data:`MIN_HOLDOUT`), and the probe is then refit on all of them. (The
             official default, 0.001 x batch_size / 256, suits ImageNet's thousands of
             iterations per epoch; on small problems the best lr depends on the feature scale
             and on N / D, hence the sweep: see the module doc.)

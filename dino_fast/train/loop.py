@@ -56,6 +56,7 @@ from tqdm import tqdm
 from dino_fast.config import CUDA_GRAPH_COMPILE_MODES, ConfigError, TrainConfig, apply_auto_crops, load_config
 from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_loader
 from dino_fast.data.builtin import ensure_builtin_dataset
+from dino_fast.data.folder import list_image_files
 from dino_fast.data.sizing import median_image_side
 from dino_fast.eval.collapse import collapse_stats, diagnose, diagnose_colour, diagnose_gain
 from dino_fast.eval.knn import eval_loaders, knn_classify, run_eval_roots
@@ -831,14 +832,31 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str,
     return knn, probe
 
 
-def _print_linear_report(report: dict[str, Any]) -> None:
+def fewest_labels_per_class(cfg: TrainConfig) -> Optional[int]:
+    """Images in the smallest class of the train folder that :func:`run_eval_report` reads for
+    ``cfg`` (files by extension, none opened), or ``None`` when there is no labelled image-folder
+    evaluation (no ``data.val_root`` for a custom ``data.root``, a ``.beton``, fewer than 2 classes)."""
+    roots = run_eval_roots(cfg)
+    if roots is None or roots[0].suffix == ".beton" or not roots[0].is_dir():
+        return None
+    classes, files = list_image_files(roots[0])
+    if len(classes) < 2:
+        return None
+    counts = [0] * len(classes)
+    for _, label in files:
+        counts[label] += 1
+    return min(counts)
+
+
+def _print_linear_report(report: dict[str, Any], labels_per_class: Optional[int] = None) -> None:
     print("linear probe on the val split (frozen backbone, last-block CLS):")
     for name, res in report.items():
         print(f"  {name:<12} top1 {res['top1']:.1f} top5 {res['top5']:.1f} (lr {res['lr']:g}, {res['epochs']} epochs)")
     if "teacher" in report and "random_init" in report:
         gain = report["teacher"]["top1"] - report["random_init"]["top1"]
         print(f"  teacher vs random init: {gain:+.1f} points top-1")
-        warning = diagnose_gain(report["teacher"]["top1"], report["random_init"]["top1"])
+        warning = diagnose_gain(report["teacher"]["top1"], report["random_init"]["top1"],
+                                labels_per_class=labels_per_class)
         if warning:
             log.warning("linear probe: %s", warning)
 
@@ -872,11 +890,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"collapse check: {'no warning' if n_warn == 0 else f'{n_warn} warning(s), see the log above'}")
             if cfg.eval.knn_after_training:
                 knn, linear = run_eval_report(trainer, linear=cfg.eval.linear_after_training)
+                few = fewest_labels_per_class(cfg) if knn else None
                 if knn:
-                    _print_knn_report(knn)
+                    _print_knn_report(knn, labels_per_class=few)
                     (trainer.out_dir / "knn.json").write_text(json.dumps(knn, indent=2))
                 if linear:
-                    _print_linear_report(linear)
+                    _print_linear_report(linear, labels_per_class=few)
                     (trainer.out_dir / "linear.json").write_text(json.dumps(linear, indent=2))
             print(f"total time {time.perf_counter() - t0:.1f} s")
         return 0
@@ -897,7 +916,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cleanup()
 
 
-def _print_knn_report(report: dict[str, Any]) -> None:
+def _print_knn_report(report: dict[str, Any], labels_per_class: Optional[int] = None) -> None:
     print("k-NN on the val split (weighted, cosine, T=0.07):")
     width = max(12, *(len(name) for name in report))
     for name, res in report.items():
@@ -907,7 +926,8 @@ def _print_knn_report(report: dict[str, Any]) -> None:
         k = next(iter(report["teacher"]))
         gain = report["teacher"][k]["top1"] - report["random_init"][k]["top1"]
         print(f"  teacher vs random init at k={k}: {gain:+.1f} points top-1")
-        warning = diagnose_gain(report["teacher"][k]["top1"], report["random_init"][k]["top1"])
+        warning = diagnose_gain(report["teacher"][k]["top1"], report["random_init"][k]["top1"],
+                                labels_per_class=labels_per_class)
         if warning:
             log.warning("k-NN at k=%s: %s", k, warning)
         if GREY_TWIN in report:

@@ -295,6 +295,30 @@ def test_diagnose_gain_flags_little_gain_over_random_init():
     assert collapse.diagnose_gain(20.0, 10.0, min_frac=0.0) is None
 
 
+def test_diagnose_gain_names_a_label_starved_evaluation():
+    """Under ``few_labels`` images in the smallest train class the warning says so before the
+    recipe advice; at or above it, or unknown, the message is as without the count; no warning
+    is made up by the count alone."""
+    plain = collapse.diagnose_gain(24.1, 12.3)
+    few = collapse.diagnose_gain(24.1, 12.3, labels_per_class=30)
+    assert plain is not None and few is not None
+    clause = "the evaluation's train split has only 30 labelled image(s) in its smallest class (under 50)"
+    assert clause in few and "dino-fast knn / dino-fast linear --checkpoint CKPT --train DIR --val DIR" in few
+    assert few.index(clause) < few.index("unless a collapse warning")
+    assert few.replace(few[few.index("the evaluation's"):few.index("unless a collapse")], "") == plain
+    assert collapse.diagnose_gain(24.1, 12.3, labels_per_class=50) == plain
+    assert collapse.diagnose_gain(24.1, 12.3, labels_per_class=None) == plain
+    assert "only 0 labelled" in collapse.diagnose_gain(24.1, 12.3, labels_per_class=0)
+    assert "only 79 labelled" in collapse.diagnose_gain(24.1, 12.3, labels_per_class=79, few_labels=80)
+    assert collapse.diagnose_gain(77.3, 62.4, labels_per_class=3) is None
+    for bad in (-1, 2.5, True, "30"):
+        with pytest.raises(ValueError, match=r"labels_per_class: expected an image count \(int >= 0\) or None, got "):
+            collapse.diagnose_gain(24.1, 12.3, labels_per_class=bad)
+    for bad in (0, 1.5, False):
+        with pytest.raises(ValueError, match=r"few_labels: expected an int >= 1, got "):
+            collapse.diagnose_gain(24.1, 12.3, labels_per_class=3, few_labels=bad)
+
+
 @pytest.mark.parametrize("bad", [-1.0, 100.5, float("nan"), "50", True])
 def test_diagnose_gain_rejects_what_is_not_an_accuracy(bad):
     with pytest.raises(ValueError, match=r"teacher_top1: expected a top-1 accuracy in % in \[0, 100\], got "):

@@ -101,6 +101,57 @@ def test_sweep_skips_diverged_rates():
     assert lr == 0.3 and sweep["0.3"] >= sweep["0.0001"]
 
 
+def test_stratified_folds_deal_each_class_evenly():
+    """Every sample of a class with >= 2 samples lies in exactly one fold, each class spread as
+    evenly as the folds allow; singletons are never held out; the seed fixes the deal."""
+    y = torch.tensor([0] * 23 + [1] * 10 + [2] * 4 + [3])
+    fold = linear._stratified_folds(y, 10, seed=0)
+    assert fold.shape == y.shape and fold.dtype == torch.long
+    assert fold[y == 3].tolist() == [-1]
+    for c, n in ((0, 23), (1, 10), (2, 4)):
+        counts = torch.bincount(fold[y == c], minlength=10)
+        assert int(counts.sum()) == n and int(counts.max() - counts.min()) <= 1, (c, counts)
+    assert torch.equal(fold, linear._stratified_folds(y, 10, seed=0))
+    assert not torch.equal(fold, linear._stratified_folds(y, 10, seed=1))
+
+
+def test_small_sweeps_cross_validate_and_pool_every_fold():
+    """Under min_holdout held-out samples the sweep scores each lr on all 10 folds pooled:
+    the same figures as fitting fold by fold by hand; at min_holdout=0 the single split as before."""
+    centers = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
+    x, y = _blobs(15, centers, 1.5, seed=0)  # 60 samples: a 10 % split would hold 4
+    lrs = (1e-3, 0.03, 1.0)
+    lr, sweep = select_lr(x, y, 4, lrs=lrs, epochs=8, batch_size=16, seed=5)
+    fold = linear._stratified_folds(y, 10, seed=5)
+    correct, ce = torch.zeros(len(lrs), dtype=torch.float64), torch.zeros(len(lrs), dtype=torch.float64)
+    for f in range(10):
+        held = fold == f
+        w, b = linear._fit_sgd(x[~held], y[~held], 4, lrs, epochs=8, batch_size=16, weight_decay=0.0,
+                               momentum=0.9, seed=5)
+        for i in range(len(lrs)):
+            logits = x[held] @ w[i].T + b[i]
+            correct[i] += (logits.argmax(1) == y[held]).sum().item()
+            ce[i] += F.cross_entropy(logits, y[held], reduction="sum").item()
+    want = (100.0 * correct / len(y)).tolist()
+    assert [sweep[f"{v:g}"] for v in lrs] == pytest.approx(want, abs=1e-9)
+    best = min(range(len(lrs)), key=lambda i: (-want[i], ce[i].item(), lrs[i]))
+    assert lr == lrs[best]
+    # min_holdout=0: one stratified 10 % split, as for large sets
+    lr0, sweep0 = select_lr(x, y, 4, lrs=lrs, epochs=8, batch_size=16, seed=5, min_holdout=0)
+    fit_idx, held_idx = linear._stratified_split(y, 0.1, 5)
+    w, b = linear._fit_sgd(x[fit_idx], y[fit_idx], 4, lrs, epochs=8, batch_size=16, weight_decay=0.0,
+                           momentum=0.9, seed=5)
+    acc0, _ = linear._scores(w, b, x[held_idx], y[held_idx])
+    assert [sweep0[f"{v:g}"] for v in lrs] == pytest.approx(acc0, abs=1e-9)
+    assert sweep0 != sweep  # 4 held-out samples score in steps of 25 points, the pooled folds finer
+    # a split of at least min_holdout samples is used as it is
+    assert select_lr(x, y, 4, lrs=lrs, epochs=8, batch_size=16, seed=5, min_holdout=4) == (lr0, sweep0)
+    assert select_lr(x, y, 4, lrs=lrs, epochs=8, batch_size=16, seed=5, min_holdout=5) == (lr, sweep)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="min_holdout must be an int >= 0, got "):
+            select_lr(x, y, 4, lrs=lrs, epochs=1, min_holdout=bad)
+
+
 def test_top5_semantics():
     x, y = _blobs(10, torch.randn(3, 6, generator=torch.Generator().manual_seed(1)), 3.0, seed=0)
     res = linear_eval(x, y, x, y, epochs=3, lr=0.01)

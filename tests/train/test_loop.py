@@ -210,7 +210,8 @@ def test_train_warns_when_the_features_barely_beat_random_init(data_root, tmp_pa
     for i, ((k_t, k_r, l_t, l_r), want) in enumerate((((13.9, 8.7, 16.1, 14.3), ["k-NN at k=20", "linear probe"]),
                                                       ((77.3, 62.4, 74.9, 64.7), []))):
         cfg_path = write_config(tiny_config(data_root, tmp_path / f"r{i}", "train.max_iters=1",
-                                            "eval.knn_after_training=true"), tmp_path / f"r{i}.yaml")
+                                            "eval.knn_after_training=true", f"data.val_root={data_root}"),
+                                tmp_path / f"r{i}.yaml")
         monkeypatch.setattr(loop_mod, "run_eval_report", report(k_t, k_r, l_t, l_r))
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="dino_fast.train"):
@@ -221,6 +222,32 @@ def test_train_warns_when_the_features_barely_beat_random_init(data_root, tmp_pa
         assert len(colour) == (1 if want else 0), colour
         if want:
             assert "14.8 in grey against 8.7 in colour" in colour[0] and "model.grayscale_input=true" in colour[0]
+            # the fixture folder holds 8 images a class: both warnings say the evaluation is label-starved
+            assert all("has only 8 labelled image(s) in its smallest class" in m for m in got), got
+
+
+def test_fewest_labels_per_class_counts_the_evaluation_train_folder(tmp_path):
+    """The smallest class of the train folder the end-of-run evaluation reads; None where there
+    is no labelled folder evaluation."""
+    from dino_fast.config import load_config
+    from dino_fast.train.loop import fewest_labels_per_class
+
+    root = make_image_folder(tmp_path / "train", n_classes=3, per_class=5)
+    extra = make_image_folder(tmp_path / "more", n_classes=3, per_class=4, seed=3)
+    for i, f in enumerate(sorted((extra / "class1").iterdir())):  # class1: 5 + 4 images
+        f.rename(root / "class1" / f"extra{i}{f.suffix}")
+    (root / "class2" / "notes.txt").write_text("not an image")
+    val = make_image_folder(tmp_path / "val", n_classes=3, per_class=2, seed=1)
+    cfg = load_config(None, [f"data.root={root}", f"data.val_root={val}"])
+    assert fewest_labels_per_class(cfg) == 5
+    next(iter(sorted((root / "class0").iterdir()))).unlink()
+    assert fewest_labels_per_class(cfg) == 4
+    assert fewest_labels_per_class(load_config(None, [f"data.root={root}"])) is None  # no val split
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for f in sorted((root / "class2").glob("*.jpg")):
+        f.rename(flat / f.name)
+    assert fewest_labels_per_class(load_config(None, [f"data.root={flat}", f"data.val_root={val}"])) is None
 
 
 def test_eval_report_reads_the_twin_in_grey_when_the_gain_is_small(data_root, tmp_path, monkeypatch):
