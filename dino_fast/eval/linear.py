@@ -264,6 +264,33 @@ def _stratified_folds(y: torch.Tensor, folds: int, seed: int) -> torch.Tensor:
     return fold
 
 
+def _pooled_fold_scores(
+    x: torch.Tensor, y: torch.Tensor, num_classes: int, lrs: Sequence[float], fold: torch.Tensor, **fit_kw: Any,
+) -> tuple[list[float], list[float]]:
+    """:func:`_scores` pooled over cross-validation folds: for each fold index f of ``fold`` (int64
+    ``[N]``; -1 is never held out) the classifiers of :func:`_fit_sgd` (``fit_kw``) train on the
+    samples outside f and are scored on those in it; top-1 (%) and cross-entropy are averaged over
+    every held-out sample. An lr that diverges on any fold gets -1 and inf."""
+    n_held = 0
+    acc_sum, loss_sum = [0.0] * len(lrs), [0.0] * len(lrs)
+    diverged = [False] * len(lrs)
+    for f in range(int(fold.max()) + 1):
+        held = fold == f
+        m = int(held.sum())
+        if m == 0:
+            continue
+        w, b = _fit_sgd(x[~held], y[~held], num_classes, lrs, **fit_kw)
+        a, lo = _scores(w, b, x[held], y[held])
+        for i in range(len(lrs)):
+            diverged[i] = diverged[i] or a[i] < 0.0
+            acc_sum[i] += a[i] * m
+            loss_sum[i] += lo[i] * m
+        n_held += m
+    acc = [-1.0 if diverged[i] else acc_sum[i] / n_held for i in range(len(lrs))]
+    loss = [math.inf if diverged[i] else loss_sum[i] / n_held for i in range(len(lrs))]
+    return acc, loss
+
+
 def _stratified_split(y: torch.Tensor, frac: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(train idx, held-out idx): ``floor(frac * n_c)`` of each class, at least one from every
     class with >= 2 samples; classes with one sample stay in train."""
@@ -327,31 +354,14 @@ def select_lr(
     fit_idx, held_idx = _stratified_split(y, holdout_frac, seed)
     folds = max(2, round(1.0 / holdout_frac))
     if 0 < len(held_idx) < min_holdout:
-        fold = _stratified_folds(y, folds, seed).to(x.device)
-        n_held = 0
-        acc_sum, loss_sum = [0.0] * len(lrs), [0.0] * len(lrs)
-        diverged = [False] * len(lrs)
-        for f in range(folds):
-            held = fold == f
-            m = int(held.sum())
-            if m == 0:
-                continue
-            w, b = _fit_sgd(x[~held], y[~held], num_classes, lrs, **fit_kw)
-            a, lo = _scores(w, b, x[held], y[held])
-            for i in range(len(lrs)):
-                diverged[i] = diverged[i] or a[i] < 0.0
-                acc_sum[i] += a[i] * m
-                loss_sum[i] += lo[i] * m
-            n_held += m
-        acc = [-1.0 if diverged[i] else acc_sum[i] / n_held for i in range(len(lrs))]
-        loss = [math.inf if diverged[i] else loss_sum[i] / n_held for i in range(len(lrs))]
-        best = min(range(len(lrs)), key=lambda i: (-acc[i], loss[i], lrs[i]))
-        return lrs[best], {f"{lr:g}": a for lr, a in zip(lrs, acc)}
-    if len(held_idx) == 0:
-        fit_idx = held_idx = torch.arange(len(y))
-    fit_idx, held_idx = fit_idx.to(x.device), held_idx.to(x.device)
-    w, b = _fit_sgd(x[fit_idx], y[fit_idx], num_classes, lrs, **fit_kw)
-    acc, loss = _scores(w, b, x[held_idx], y[held_idx])
+        acc, loss = _pooled_fold_scores(x, y, num_classes, lrs, _stratified_folds(y, folds, seed).to(x.device),
+                                        **fit_kw)
+    else:
+        if len(held_idx) == 0:
+            fit_idx = held_idx = torch.arange(len(y))
+        fit_idx, held_idx = fit_idx.to(x.device), held_idx.to(x.device)
+        w, b = _fit_sgd(x[fit_idx], y[fit_idx], num_classes, lrs, **fit_kw)
+        acc, loss = _scores(w, b, x[held_idx], y[held_idx])
     best = min(range(len(lrs)), key=lambda i: (-acc[i], loss[i], lrs[i]))
     return lrs[best], {f"{lr:g}": a for lr, a in zip(lrs, acc)}
 
