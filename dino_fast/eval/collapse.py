@@ -340,6 +340,11 @@ def _check_frac(name: str, value: object) -> float:
     return float(value)
 
 
+def _check_top1(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 100.0:
+        raise ValueError(f"{name}: expected a top-1 accuracy in % in [0, 100], got {value!r}")
+
+
 def diagnose(
     stats: CollapseStats,
     *,
@@ -448,9 +453,8 @@ def diagnose_gain(teacher_top1: float, random_top1: float, *, min_frac: float = 
     Raises:
         ValueError: an accuracy outside [0, 100] or not finite, or ``min_frac`` outside [0, 1].
     """
-    for name, v in (("teacher_top1", teacher_top1), ("random_top1", random_top1)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 100.0:
-            raise ValueError(f"{name}: expected a top-1 accuracy in % in [0, 100], got {v!r}")
+    _check_top1("teacher_top1", teacher_top1)
+    _check_top1("random_top1", random_top1)
     min_frac = _check_frac("min_frac", min_frac)
     if labels_per_class is not None and (isinstance(labels_per_class, bool) or not isinstance(labels_per_class, int)
                                          or labels_per_class < 0):
@@ -499,9 +503,8 @@ def diagnose_colour(colour_top1: float, grey_top1: float, *, margin: float = 2.0
     Raises:
         ValueError: an accuracy outside [0, 100] or not a number, or ``margin`` negative.
     """
-    for name, v in (("colour_top1", colour_top1), ("grey_top1", grey_top1)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 100.0:
-            raise ValueError(f"{name}: expected a top-1 accuracy in % in [0, 100], got {v!r}")
+    _check_top1("colour_top1", colour_top1)
+    _check_top1("grey_top1", grey_top1)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0.0:
         raise ValueError(f"margin: expected points >= 0, got {margin!r}")
     figures = f"the random-init twin's top-1 is {grey_top1:.1f} in grey against {colour_top1:.1f} in colour"
