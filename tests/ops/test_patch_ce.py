@@ -56,6 +56,32 @@ CASES = [  # (R, K, dtype); R > 32 spans several row groups, K > 1024 several ti
 ]
 
 
+def _loss_close(loss: torch.Tensor, ref: torch.Tensor, S: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> bool:
+    """|loss - ref| within TOL relative plus, below fp64, a few fp32 eps of the terms that cancel:
+    the loss is sum_r w_r (lse_r - <q_r, s_r / tau_s>), terms of size ~max|s| / tau_s, so a small
+    loss (0.059 at K = 7) shows their absolute rounding as a large relative error (1.7e-5 failed
+    a fresh-clone CI run at 1e-5 flat)."""
+    slack = 0.0 if dtype == torch.float64 else (
+        8 * torch.finfo(torch.float32).eps * S.double().abs().max().item() / TAU_S * max(1.0, w.abs().sum().item()))
+    return abs(float(loss) - float(ref)) <= TOL[dtype] * abs(float(ref)) + slack
+
+
+def _grad_close(g: torch.Tensor, ref: torch.Tensor, S: torch.Tensor, T: torch.Tensor, c: torch.Tensor,
+                w: torch.Tensor, up: float, dtype: torch.dtype) -> bool:
+    """||g - ref|| within TOL of ||ref|| plus, below fp64, a few fp32 eps of the terms that cancel:
+    the gradient is up * w_r (p_rk - q_rk) / tau_s with p and q each rounded in fp32 (about eps
+    of p + q per element), so where student and teacher agree on a near one-hot row (p = 0.9955,
+    q = 0.9998) the difference is small and that rounding is a large part of it (6.9e-5 relative
+    failed a fresh-clone CI run at 1e-5 flat; a plain fp32 softmax difference gave 1.1e-5)."""
+    err = (g.double() - ref.double()).norm().item()
+    if dtype == torch.float64:
+        return err <= TOL[dtype] * ref.norm().item()
+    p = torch.softmax(S.double() / TAU_S, dim=-1)
+    q = torch.softmax((T.double() - c.double()) / TAU_T, dim=-1)
+    terms = (up * w.double()[:, None] / TAU_S * (p + q)).norm().item()
+    return err <= TOL[dtype] * ref.norm().item() + 8 * torch.finfo(torch.float32).eps * terms
+
+
 @pytest.mark.parametrize("R,K,dtype", CASES)
 def test_kernels_match_float64_reference_with_poisoned_gradient(R, K, dtype):
     S, T, c, w = _inputs(R, K, dtype)
@@ -69,23 +95,13 @@ def test_kernels_match_float64_reference_with_poisoned_gradient(R, K, dtype):
     if K == 1:
         assert abs(loss.item()) < 1e-6 and g.float().abs().max().item() < 1e-6
     else:
-        assert rel(loss, ref_loss) < TOL[dtype], (loss.item(), ref_loss.item())
-        assert rel(g, up * ref_g) < TOL[dtype]
+        assert _loss_close(loss, ref_loss, S, w, dtype), (loss.item(), ref_loss.item())
+        assert _grad_close(g, up * ref_g, S, T, c, w, up, dtype), rel(g, up * ref_g)
     assert rel(lse, torch.logsumexp(S.double() / TAU_S, dim=-1)) < 1e-6
     assert rel(colsum, T.double().sum(0)) < 1e-6
     x = (T.double() - c.double()) / TAU_T
     assert rel(tm, x.amax(-1)) < 1e-6
     assert rel(tz, torch.exp(x - x.amax(-1, keepdim=True)).sum(-1)) < 1e-5
-
-
-def _loss_close(loss: torch.Tensor, ref: torch.Tensor, S: torch.Tensor, w: torch.Tensor, dtype: torch.dtype) -> bool:
-    """|loss - ref| within TOL relative plus, below fp64, a few fp32 eps of the terms that cancel:
-    the loss is sum_r w_r (lse_r - <q_r, s_r / tau_s>), terms of size ~max|s| / tau_s, so a small
-    loss (0.059 at K = 7) shows their absolute rounding as a large relative error (1.7e-5 failed
-    a fresh-clone CI run at 1e-5 flat)."""
-    slack = 0.0 if dtype == torch.float64 else (
-        8 * torch.finfo(torch.float32).eps * S.double().abs().max().item() / TAU_S * max(1.0, w.abs().sum().item()))
-    return abs(float(loss) - float(ref)) <= TOL[dtype] * abs(float(ref)) + slack
 
 
 @pytest.mark.parametrize("R,K,dtype", CASES + [(17, 3001, torch.float64)])
@@ -103,7 +119,7 @@ def test_autograd_backends_match_float64_reference(backend, R, K, dtype):
     assert s.grad.dtype == dtype and torch.isfinite(s.grad).all()
     if K > 1:
         assert _loss_close(loss.detach(), ref_loss, S, w, dtype), (loss.item(), ref_loss.item())
-        assert rel(s.grad, up * ref_g) < TOL[dtype]
+        assert _grad_close(s.grad, up * ref_g, S, T, c, w, up, dtype), rel(s.grad, up * ref_g)
     assert rel(colsum, T.double().sum(0)) < (1e-12 if dtype == torch.float64 else 1e-6)
     assert torch.equal(S, s.detach())  # inputs untouched
 
