@@ -44,7 +44,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,7 +56,6 @@ from tqdm import tqdm
 from dino_fast.config import CUDA_GRAPH_COMPILE_MODES, ConfigError, TrainConfig, apply_auto_crops, load_config
 from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_loader
 from dino_fast.data.builtin import ensure_builtin_dataset
-from dino_fast.data.folder import list_image_files
 from dino_fast.data.sizing import median_image_side
 from dino_fast.eval.collapse import collapse_stats, diagnose, diagnose_colour, diagnose_gain
 from dino_fast.eval.knn import eval_loaders, knn_classify, run_eval_roots
@@ -756,7 +755,18 @@ def _setup_logging(is_main: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+class EvalReport(NamedTuple):
+    """What :func:`run_eval_report` measured: ``knn`` is ``{backbone: {str(k): {"top1": %, "top5": %}}}``,
+    ``linear`` ``{backbone: linear_eval's dict}``, ``labels_per_class`` the number of train-split
+    images in its smallest class (what the probes could learn from), ``None`` where fewer than
+    2 classes or no evaluation."""
+
+    knn: dict[str, Any]
+    linear: dict[str, Any]
+    labels_per_class: Optional[int] = None
+
+
+def run_eval_report(trainer: Trainer, *, linear: bool = True) -> EvalReport:
     """The end-of-training evaluation on the val split: weighted k-NN (every k of
     ``eval.knn_k``) and, with ``linear``, the linear probe
     (:func:`dino_fast.eval.linear.linear_eval_features`: last block's CLS, SGD with a cosine schedule and a
@@ -775,20 +785,19 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str,
     carries the classes or hides them (:func:`dino_fast.eval.collapse.diagnose_colour`).
 
     Returns:
-        ``(knn, linear)``: ``knn`` is ``{backbone: {str(k): {"top1": %, "top5": %}}}``, ``linear``
-        ``{backbone: linear_eval's dict}``; ``({}, {})`` without an image-folder val split, and
+        An :class:`EvalReport`; ``EvalReport({}, {})`` without an image-folder val split, and its
         ``linear`` is ``{}`` when not asked for or when the folders name fewer than 2 classes
-        (logged).
+        (logged). ``labels_per_class`` is counted on the labels the train features were read with.
     """
     cfg = trainer.cfg
     roots = run_eval_roots(cfg)  # no barrier here: only rank 0 evaluates
     if roots is None:
         log.info("no data.val_root given: skipping the k-NN evaluation")
-        return {}, {}
+        return EvalReport({}, {})
     train_root, val_root = roots
     if train_root.suffix == ".beton":
         log.info("k-NN evaluation needs an image folder, data.root is a .beton: skipping")
-        return {}, {}
+        return EvalReport({}, {})
     loaders, classes = eval_loaders(train_root, val_root, image_size=cfg.eval.image_size,
                                     resize_size=cfg.eval.resize_size, batch_size=cfg.eval.batch_size,
                                     num_workers=cfg.data.num_workers)
@@ -814,8 +823,11 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str,
 
     knn: dict[str, Any] = {}
     probe: dict[str, Any] = {}
+    labels_per_class: Optional[int] = None
     for name, backbone in backbones.items():
         train_f, train_y, val_f, val_y = features(backbone)
+        if labels_per_class is None and len(classes) >= 2:
+            labels_per_class = int(torch.bincount(train_y.long(), minlength=len(classes)).min())
         knn[name] = knn_of(train_f, train_y, val_f, val_y)
         if linear:
             probe[name] = linear_eval_features(train_f, train_y, val_f, val_y, device=trainer.device,
@@ -829,23 +841,7 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> tuple[dict[str,
         # classes or hide them? (a backbone without the option is left out)
         twin.grayscale_input = True
         knn[GREY_TWIN] = knn_of(*features(twin))
-    return knn, probe
-
-
-def fewest_labels_per_class(cfg: TrainConfig) -> Optional[int]:
-    """Images in the smallest class of the train folder that :func:`run_eval_report` reads for
-    ``cfg`` (files by extension, none opened), or ``None`` when there is no labelled image-folder
-    evaluation (no ``data.val_root`` for a custom ``data.root``, a ``.beton``, fewer than 2 classes)."""
-    roots = run_eval_roots(cfg)
-    if roots is None or roots[0].suffix == ".beton" or not roots[0].is_dir():
-        return None
-    classes, files = list_image_files(roots[0])
-    if len(classes) < 2:
-        return None
-    counts = [0] * len(classes)
-    for _, label in files:
-        counts[label] += 1
-    return min(counts)
+    return EvalReport(knn, probe, labels_per_class)
 
 
 def _print_linear_report(report: dict[str, Any], labels_per_class: Optional[int] = None) -> None:
@@ -889,8 +885,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             n_warn = len(summary["collapse_warnings"])
             print(f"collapse check: {'no warning' if n_warn == 0 else f'{n_warn} warning(s), see the log above'}")
             if cfg.eval.knn_after_training:
-                knn, linear = run_eval_report(trainer, linear=cfg.eval.linear_after_training)
-                few = fewest_labels_per_class(cfg) if knn else None
+                knn, linear, few = run_eval_report(trainer, linear=cfg.eval.linear_after_training)
                 if knn:
                     _print_knn_report(knn, labels_per_class=few)
                     (trainer.out_dir / "knn.json").write_text(json.dumps(knn, indent=2))

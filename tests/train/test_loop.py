@@ -89,7 +89,7 @@ def test_knn_report_after_training_on_a_custom_folder(data_root, tmp_path):
     tr = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=1", f"data.val_root={data_root}",
                              "eval.knn_k=[1]", "eval.image_size=32", "eval.resize_size=32"))
     tr.fit()
-    report, linear = run_eval_report(tr, linear=False)
+    report, linear, _ = run_eval_report(tr, linear=False)
     assert set(report) == {"teacher", "random_init"} and linear == {}
     for res in report.values():
         # val == train here: the nearest neighbour of every image is itself
@@ -105,12 +105,12 @@ def test_linear_report_beside_knn(data_root, tmp_path, capsys):
             "eval.resize_size=32", "eval.linear_epochs=20"]
     tr = Trainer(tiny_config(data_root, tmp_path / "a", *args))
     tr.fit()
-    _, report = run_eval_report(tr)
+    report = run_eval_report(tr).linear
     assert set(report) == {"teacher", "random_init"}
     for res in report.values():
         assert 0 <= res["top1"] <= 100 and res["top5"] == 100.0  # 3 classes: top-5 covers all
         assert res["epochs"] == 20 and res["lr"] > 0
-    assert run_eval_report(Trainer(tiny_config(data_root, tmp_path / "b", "train.max_iters=1"))) == ({}, {})
+    assert run_eval_report(Trainer(tiny_config(data_root, tmp_path / "b", "train.max_iters=1"))) == ({}, {}, None)
     out = tmp_path / "c"
     cfg_path = write_config(tiny_config(data_root, out, *args, "eval.knn_after_training=true"), tmp_path / "c.yaml")
     assert main(["--config", str(cfg_path)]) == 0
@@ -131,7 +131,7 @@ def test_eval_report_matches_the_standalone_evaluations(data_root, tmp_path):
                              "eval.knn_k=[1, 3]", "eval.image_size=32", "eval.resize_size=40",
                              "eval.linear_epochs=5"))
     tr.fit()
-    knn, linear = run_eval_report(tr)
+    knn, linear, _ = run_eval_report(tr)
     torch.manual_seed(tr.cfg.train.seed + 12345)
     twin = build_backbone(tr.cfg, teacher=True)
     ev = dict(image_size=32, resize_size=40, batch_size=tr.cfg.eval.batch_size)
@@ -166,7 +166,7 @@ def test_eval_report_in_bf16(data_root, tmp_path, monkeypatch):
         tr = Trainer(tiny_config(data_root, tmp_path / precision, *args, f"eval.precision={precision}"))
         tr.fit()
         seen.clear()
-        knn, linear = loop_mod.run_eval_report(tr)
+        knn, linear, _ = loop_mod.run_eval_report(tr)
         assert len(seen) == 4 and set(knn) == set(linear) == {"teacher", "random_init"}
         assert all(s == want if want else not s[0] for s in seen), (precision, seen)
     with pytest.raises(ConfigError, match=r"eval.precision must be one of \['fp32', 'bf16'\], got 'fp16'"):
@@ -188,7 +188,7 @@ def test_eval_report_skips_the_linear_probe_on_one_class(tmp_path):
                              f"data.val_root={tmp_path / 'one'}", "eval.knn_k=[1]", "eval.image_size=32",
                              "eval.resize_size=32"))
     tr.fit()
-    knn, linear = run_eval_report(tr)
+    knn, linear, _ = run_eval_report(tr)
     assert knn["teacher"]["1"]["top1"] == 100.0 and linear == {}
 
 
@@ -205,7 +205,7 @@ def test_train_warns_when_the_features_barely_beat_random_init(data_root, tmp_pa
             knn[loop_mod.GREY_TWIN] = {"20": {"top1": 14.8, "top5": 50.0}}
         linear = {name: {"top1": t, "top5": 50.0, "lr": 0.1, "epochs": 1}
                   for name, t in (("teacher", l_t), ("random_init", l_r))}
-        return lambda tr, **kw: (knn, linear)
+        return lambda tr, **kw: loop_mod.EvalReport(knn, linear, 8)  # the fixture's 8 images a class
 
     for i, ((k_t, k_r, l_t, l_r), want) in enumerate((((13.9, 8.7, 16.1, 14.3), ["k-NN at k=20", "linear probe"]),
                                                       ((77.3, 62.4, 74.9, 64.7), []))):
@@ -226,28 +226,27 @@ def test_train_warns_when_the_features_barely_beat_random_init(data_root, tmp_pa
             assert all("has only 8 labelled image(s) in its smallest class" in m for m in got), got
 
 
-def test_fewest_labels_per_class_counts_the_evaluation_train_folder(tmp_path):
-    """The smallest class of the train folder the end-of-run evaluation reads; None where there
-    is no labelled folder evaluation."""
-    from dino_fast.config import load_config
-    from dino_fast.train.loop import fewest_labels_per_class
+def test_eval_report_counts_the_labels_of_the_smallest_train_class(data_root, tmp_path):
+    """labels_per_class: the smallest class among the labels the train features were read with
+    (a non-image file is not one); None where there is no labelled folder evaluation."""
+    from dino_fast.train.loop import EvalReport, run_eval_report
 
     root = make_image_folder(tmp_path / "train", n_classes=3, per_class=5)
     extra = make_image_folder(tmp_path / "more", n_classes=3, per_class=4, seed=3)
     for i, f in enumerate(sorted((extra / "class1").iterdir())):  # class1: 5 + 4 images
         f.rename(root / "class1" / f"extra{i}{f.suffix}")
     (root / "class2" / "notes.txt").write_text("not an image")
+    next(iter(sorted((root / "class0").iterdir()))).unlink()  # class0: 4 images
     val = make_image_folder(tmp_path / "val", n_classes=3, per_class=2, seed=1)
-    cfg = load_config(None, [f"data.root={root}", f"data.val_root={val}"])
-    assert fewest_labels_per_class(cfg) == 5
-    next(iter(sorted((root / "class0").iterdir()))).unlink()
-    assert fewest_labels_per_class(cfg) == 4
-    assert fewest_labels_per_class(load_config(None, [f"data.root={root}"])) is None  # no val split
-    flat = tmp_path / "flat"
-    flat.mkdir()
-    for f in sorted((root / "class2").glob("*.jpg")):
-        f.rename(flat / f.name)
-    assert fewest_labels_per_class(load_config(None, [f"data.root={flat}", f"data.val_root={val}"])) is None
+    ev = ("train.max_iters=1", "eval.knn_k=[1]", "eval.image_size=32", "eval.resize_size=32")
+    tr = Trainer(tiny_config(root, tmp_path / "a", f"data.val_root={val}", *ev))
+    tr.fit()
+    report = run_eval_report(tr, linear=False)
+    assert isinstance(report, EvalReport) and report.labels_per_class == 4 and report.linear == {}
+    assert set(report.knn) == {"teacher", "random_init"}
+    tr = Trainer(tiny_config(root, tmp_path / "b", *ev))  # no val split: nothing evaluated
+    tr.fit()
+    assert run_eval_report(tr) == EvalReport({}, {}) and run_eval_report(tr).labels_per_class is None
 
 
 def test_eval_report_reads_the_twin_in_grey_when_the_gain_is_small(data_root, tmp_path, monkeypatch):
@@ -264,7 +263,7 @@ def test_eval_report_reads_the_twin_in_grey_when_the_gain_is_small(data_root, tm
     monkeypatch.setattr(loop_mod, "diagnose_gain", lambda *a, **kw: None)
     assert GREY_TWIN not in run_eval_report(tr, linear=False)[0]
     monkeypatch.setattr(loop_mod, "diagnose_gain", lambda *a, **kw: "barely")
-    knn, _ = run_eval_report(tr, linear=False)
+    knn = run_eval_report(tr, linear=False).knn
     torch.manual_seed(tr.cfg.train.seed + 12345)
     twin = build_backbone(tr.cfg, teacher=True)
     twin.grayscale_input = True  # the same weights, read in grey
@@ -314,7 +313,7 @@ def test_knn_report_skipped_without_val_root(data_root, tmp_path):
     from dino_fast.train.loop import run_eval_report
 
     tr = Trainer(tiny_config(data_root, tmp_path, "train.max_iters=1"))
-    assert run_eval_report(tr) == ({}, {})
+    assert run_eval_report(tr) == ({}, {}, None)
 
 
 def test_auto_precision_on_cpu_follows_native_bf16(tmp_path, monkeypatch):
