@@ -142,6 +142,11 @@ class TrainSection:
     # weight-decay and teacher-momentum cosines end exactly there, and the lr warm-up and the
     # last-layer freeze last min(optim.warmup_epochs / optim.freeze_last_layer epochs, iterations / 4)
     iterations: int = 0
+    # a wall-clock budget in seconds for the training loop (0: none). With train.iterations set,
+    # the trainer first times a few real steps, then caps train.iterations at what fits the rest of
+    # the budget (dino_fast/train/budget.py); the capped length is the run's, in its config.json
+    # and checkpoint, and a resumed run keeps it. The evaluation after training is not counted.
+    time_budget_s: float = 0.0
     log_every: int = 10
     check_finite: bool = True
     progress: bool = True
@@ -296,6 +301,12 @@ class TrainConfig:
                 raise ConfigError(f"{key} must be > 0, got {val!r}")
         if self.train.iterations < 0:
             raise ConfigError(f"train.iterations must be >= 0 (0: train.epochs decides), got {self.train.iterations}")
+        tb = self.train.time_budget_s
+        if not (math.isfinite(tb) and tb >= 0):
+            raise ConfigError(f"train.time_budget_s must be a finite number of seconds >= 0 (0: no budget), got {tb!r}")
+        if tb > 0 and self.train.iterations <= 0:
+            raise ConfigError(f"train.time_budget_s={tb:g} caps train.iterations, which is 0 here (the run is "
+                              "train.epochs long): set train.iterations too, or train.time_budget_s=0")
         ls = self.model.layerscale_init
         if not (isinstance(ls, (int, float)) and not isinstance(ls, bool) and math.isfinite(ls) and ls >= 0):
             raise ConfigError(f"model.layerscale_init must be a finite float >= 0 (0: no LayerScale, DINOv2: 1e-5), "

@@ -63,6 +63,7 @@ from dino_fast.eval.linear import extract_probe_features, linear_eval_features
 from dino_fast.methods import BatchInfo, Method, StepOutput, build_backbone, build_method, get_method
 from dino_fast.ops.ema import NonFiniteEMAError, TeacherEMA
 from dino_fast.train import fsdp as fsdp_mod
+from dino_fast.train.budget import fit_to_budget
 from dino_fast.train.optim import build_adamw, cancel_gradients_last_layer, clip_gradients
 from dino_fast.train.precision import autocast_context, resolve_precision, set_speed_flags
 from dino_fast.utils import checkpoint as ckpt_mod
@@ -165,6 +166,10 @@ class Trainer:
             self.cfg = cfg
             if note and self.dist.is_main:
                 log.info("%s", note)
+        if cfg.train.time_budget_s > 0:  # time a few real steps, then cap train.iterations (budget.py)
+            cfg = fit_to_budget(cfg, lambda c: Trainer(c, self.dist), out_dir=self.out_dir, is_main=self.dist.is_main,
+                                reduce_max=self._reduce_max)
+            self.cfg = cfg
         with warnings.catch_warnings(record=True) as caught:  # skipped files, named, into the log
             warnings.simplefilter("always")
             self.loader = build_multicrop_loader(
@@ -382,6 +387,14 @@ class Trainer:
         if error is not None:
             raise error
         return path
+
+    def _reduce_max(self, x: float) -> float:
+        """The maximum of ``x`` over ranks (``x`` itself in one process)."""
+        if not is_dist():
+            return x
+        t = torch.tensor([x], dtype=torch.float64, device=self._collective_device())
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
+        return float(t.item())
 
     def _collective_device(self) -> torch.device:
         return self.device if (is_dist() and torch_dist.get_backend() == "nccl") else torch.device("cpu")
@@ -629,7 +642,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
-        """Train until ``train.epochs`` (or ``train.max_iters``) and return a summary."""
+        """Train until ``train.epochs`` (or ``train.max_iters``) and return a summary: ``iterations``
+        (done in all), ``iterations_run`` (by this call), ``last_loss``, ``step_seconds`` (wall
+        clock of each step of this call, data wait included), ``output_dir``, ``interrupted`` and
+        ``collapse_warnings``."""
         cfg = self.cfg
         self.maybe_resume()
         self._open_tensorboard()
@@ -648,6 +664,7 @@ class Trainer:
                    dynamic_ncols=True, desc="train")
         images = cfg.data.batch_size_per_gpu * self.dist.world_size
         iters_run = 0
+        step_seconds: list[float] = []  # wall clock per step of this run, data wait included
         t_last = time.perf_counter()
         interrupted = False
         try:
@@ -671,6 +688,7 @@ class Trainer:
                     iters_run += 1
                     now = time.perf_counter()
                     dt, t_last = now - t_last, now
+                    step_seconds.append(dt)
                     bar.update(1)
                     terms = self.last_terms if len(self.last_terms) > 1 else {}
                     collapse = self._report_collapse(epoch, it)
@@ -718,7 +736,7 @@ class Trainer:
         if self.dist.is_main or self.fsdp:  # under FSDP every rank takes part in the gather
             self.export_teacher_backbone()
         return {"iterations": self.iteration, "iterations_run": iters_run, "last_loss": self.last_loss,
-                "output_dir": str(self.out_dir), "interrupted": interrupted,
+                "step_seconds": step_seconds, "output_dir": str(self.out_dir), "interrupted": interrupted,
                 "collapse_warnings": [f"epoch {e}: {w}" for e, w in self.collapse_warnings]}
 
     def export_teacher_backbone(self) -> Path:

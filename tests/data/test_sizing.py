@@ -79,7 +79,8 @@ def test_large_images_unknown_sizes_or_the_rule_off_keep_the_config(side, overri
 
 
 def test_epoch_based_runs_keep_iterations_zero_and_local_crops_stay_at_least_a_patch():
-    cfg = load_config("configs/default.yaml", ["train.iterations=0", "train.epochs=3", "data.local_crops_size=8"])
+    cfg = load_config("configs/default.yaml", ["train.iterations=0", "train.time_budget_s=0", "train.epochs=3",
+                                               "data.local_crops_size=8"])
     new, _ = apply_auto_crops(cfg, 20)
     assert new.train.iterations == 0 and new.train.epochs == 3
     assert new.data.local_crops_size == 8  # round(8 * 0.75) = 6 < one 8 px patch

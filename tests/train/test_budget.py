@@ -1,0 +1,111 @@
+"""train.time_budget_s: the length rule by hand, the probe's timing, the config's checks, and a
+budgeted run that equals a plain run of the capped length, is resumed at that length, and never
+times itself again."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dino_fast.config import ConfigError
+from dino_fast.train import budget as budget_mod
+from dino_fast.train.budget import MARGIN, MIN_ITERATIONS, budget_iterations, probe_seconds_per_iteration
+from dino_fast.train.loop import Trainer
+from tests._train_utils import tiny_config
+
+
+def test_budget_iterations_by_hand():
+    assert budget_iterations(0.5, 100.0, 0.0, 1000) == int(MARGIN * 100 / 0.5) == 190
+    assert budget_iterations(0.5, 100.0, 20.0, 1000) == int(MARGIN * 80 / 0.5) == 152
+    assert budget_iterations(0.5, 100.0, 20.0, 120) == 120  # fits: unchanged
+    assert budget_iterations(2.0, 10.0, 9.0, 1000) == MIN_ITERATIONS  # nothing left: the floor
+    assert budget_iterations(2.0, 10.0, 50.0, 1000) == MIN_ITERATIONS  # overspent probe: the floor too
+    assert budget_iterations(2.0, 10.0, 50.0, 4) == 4  # never longer than asked
+
+
+@pytest.mark.parametrize("args,match", [
+    ((0.0, 100.0, 0.0, 10), "seconds_per_iteration must be a finite number > 0, got 0.0"),
+    ((math.nan, 100.0, 0.0, 10), "seconds_per_iteration must be a finite number > 0, got nan"),
+    ((0.5, -1.0, 0.0, 10), "budget_s must be a finite number > 0, got -1.0"),
+    ((0.5, 100.0, -1.0, 10), "spent_s must be a finite number >= 0, got -1.0"),
+    ((0.5, 100.0, 0.0, 0), r"wanted must be a positive int \(train.iterations\), got 0"),
+    ((0.5, 100.0, 0.0, True), r"wanted must be a positive int \(train.iterations\), got True"),
+])
+def test_budget_iterations_refuses_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        budget_iterations(*args)
+
+
+def test_probe_timing_leaves_out_the_first_two_steps():
+    assert probe_seconds_per_iteration([9.0, 5.0, 1.0, 3.0, 2.0]) == 2.0  # median of [1, 3, 2]
+    assert probe_seconds_per_iteration([9.0, 5.0, 1.5]) == 1.5
+    with pytest.raises(ValueError, match=r"the probe ran 2 step\(s\); at least 3 are needed"):
+        probe_seconds_per_iteration([1.0, 1.0])
+    with pytest.raises(ValueError, match=r"step times must be finite and > 0, got \[1.0, 0.0\]"):
+        probe_seconds_per_iteration([1.0, 1.0, 1.0, 0.0])
+
+
+def test_config_checks_the_budget(data_root, tmp_path):
+    assert tiny_config(data_root, tmp_path).train.time_budget_s == 0.0
+    with pytest.raises(ConfigError, match=r"train.time_budget_s must be a finite number of seconds >= 0 \(0: no "
+                                          r"budget\), got -5.0"):
+        tiny_config(data_root, tmp_path, "train.iterations=10", "train.time_budget_s=-5")
+    with pytest.raises(ConfigError, match="train.time_budget_s must be a finite number of seconds >= 0"):
+        tiny_config(data_root, tmp_path, "train.iterations=10", "train.time_budget_s=.inf")
+    with pytest.raises(ConfigError, match=r"train.time_budget_s=30 caps train.iterations, which is 0 here"):
+        tiny_config(data_root, tmp_path, "train.time_budget_s=30")
+    with pytest.raises(ConfigError, match="train.time_budget_s expects a number, got 'soon'"):
+        tiny_config(data_root, tmp_path, "train.iterations=10", "train.time_budget_s=soon")
+
+
+class _FakeClock:
+    """Each call advances 2 s: the probe 'takes' 2 s whatever it really takes."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 2.0
+        return self.t - 2.0
+
+
+def test_budgeted_run_is_the_plain_run_of_the_capped_length_and_resumes_at_it(data_root, tmp_path, monkeypatch):
+    """A budget of 20 s at a (patched) 0.5 s per step, after a 2 s probe: int(0.95 * 18 / 0.5) = 34
+    of the 40 asked. The probe runs in a temporary directory at the run's own config; the run that
+    follows equals a plain train.iterations=34 run to the last loss digit, saves 34 in config.json
+    and its checkpoint, and a resumed run takes 34 from the checkpoint without a probe."""
+    seen = []
+    real = budget_mod.probe_seconds_per_iteration
+
+    def timed(steps):
+        seen.append(len(steps))
+        real(steps)  # the probe's real step times are well-formed
+        return 0.5
+
+    monkeypatch.setattr(budget_mod, "probe_seconds_per_iteration", timed)
+    monkeypatch.setattr(budget_mod, "_clock", _FakeClock())
+    out = tmp_path / "budget"
+    tr = Trainer(tiny_config(data_root, out, "train.iterations=40", "train.time_budget_s=20"))
+    assert seen == [budget_mod.PROBE_ITERATIONS]
+    assert tr.cfg.train.iterations == int(MARGIN * 18 / 0.5) == 34
+    assert sorted(p.name for p in out.iterdir()) == []  # the probe wrote nothing here
+    summary = tr.fit()
+    assert summary["iterations"] == 34 and len(summary["step_seconds"]) == 34
+    assert json.loads((out / "config.json").read_text())["train"]["iterations"] == 34
+
+    plain = Trainer(tiny_config(data_root, tmp_path / "plain", "train.iterations=34")).fit()
+    assert plain["last_loss"] == summary["last_loss"]
+
+    def no_probe(steps):
+        raise AssertionError("a resumed run must not time itself again")
+
+    monkeypatch.setattr(budget_mod, "probe_seconds_per_iteration", no_probe)
+    again = Trainer(tiny_config(data_root, out, "train.iterations=40", "train.time_budget_s=20"))
+    assert again.cfg.train.iterations == 34
+    assert again.fit()["iterations_run"] == 0  # already done: nothing left to run
+
+    monkeypatch.setattr(budget_mod, "probe_seconds_per_iteration", timed)
+    fits = Trainer(tiny_config(data_root, tmp_path / "fits", "train.iterations=30", "train.time_budget_s=1000",
+                               "train.resume=none"))
+    assert fits.cfg.train.iterations == 30  # 30 of 0.5 s fit easily: unchanged
