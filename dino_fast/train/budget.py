@@ -26,7 +26,7 @@ from dino_fast.config import TrainConfig
 
 log = logging.getLogger("dino_fast.train")
 
-PROBE_ITERATIONS = 8  # steps the probe runs; the first two (lazy init, worker start) are not timed
+PROBE_ITERATIONS = 12  # steps the probe runs; the first two (lazy init, worker start) are not timed
 MARGIN = 0.95  # of the remaining budget: per-epoch costs (checkpoints, collapse checks) the probe misses
 MIN_ITERATIONS = 10  # never shorter: a run that cannot fit this many steps is not worth the budget
 _clock = time.perf_counter  # the budget's clock (tests replace it)
