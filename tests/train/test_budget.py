@@ -109,3 +109,16 @@ def test_budgeted_run_is_the_plain_run_of_the_capped_length_and_resumes_at_it(da
     fits = Trainer(tiny_config(data_root, tmp_path / "fits", "train.iterations=30", "train.time_budget_s=1000",
                                "train.resume=none"))
     assert fits.cfg.train.iterations == 30  # 30 of 0.5 s fit easily: unchanged
+
+
+def test_the_probe_leaves_no_loader_worker_behind(data_root, tmp_path, monkeypatch):
+    """The throwaway trainer's persistent loader workers are gone once the run's trainer is built
+    (its own loader starts its workers only when it is iterated)."""
+    import multiprocessing
+
+    monkeypatch.setattr(budget_mod, "probe_seconds_per_iteration", lambda steps: 0.5)
+    before = set(multiprocessing.active_children())
+    tr = Trainer(tiny_config(data_root, tmp_path, "train.iterations=40", "train.time_budget_s=1000",
+                             "data.num_workers=1"))
+    assert tr.cfg.train.iterations == 40
+    assert set(multiprocessing.active_children()) == before
