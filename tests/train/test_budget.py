@@ -122,3 +122,31 @@ def test_the_probe_leaves_no_loader_worker_behind(data_root, tmp_path, monkeypat
                              "data.num_workers=1"))
     assert tr.cfg.train.iterations == 40
     assert set(multiprocessing.active_children()) == before
+
+
+def _reduce_worker(rank: int, world_size: int, port: int) -> None:
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=60))
+    try:
+        fake = SimpleNamespace(_collective_device=lambda: torch.device("cpu"))
+        got = Trainer._reduce_max(fake, 0.25 + rank)  # rank 1 is the slow one
+        assert got == 1.25, (rank, got)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_takes_the_slowest_ranks_step_time():
+    """Two gloo ranks measuring 0.25 s and 1.25 s per step both get 1.25 s: the same length on
+    every rank (one that stopped earlier would leave the other in a collective)."""
+    from tests._dist_utils import free_port, spawn_ranks
+
+    spawn_ranks(_reduce_worker, (2, free_port()), 2, 120, "the two ranks' step-time reduction")
