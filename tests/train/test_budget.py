@@ -10,7 +10,15 @@ import pytest
 
 from dino_fast.config import ConfigError
 from dino_fast.train import budget as budget_mod
-from dino_fast.train.budget import MARGIN, MIN_ITERATIONS, budget_iterations, probe_seconds_per_iteration
+from dino_fast.train.budget import (
+    MARGIN,
+    MIN_ITERATIONS,
+    PROBE_ITERATIONS,
+    SHORT_EPOCH,
+    budget_iterations,
+    probe_seconds_per_iteration,
+    probe_steps,
+)
 from dino_fast.train.loop import Trainer
 from tests._train_utils import tiny_config
 
@@ -44,6 +52,17 @@ def test_probe_timing_leaves_out_the_first_two_steps():
         probe_seconds_per_iteration([1.0, 1.0])
     with pytest.raises(ValueError, match=r"step times must be finite and > 0, got \[1.0, 0.0\]"):
         probe_seconds_per_iteration([1.0, 1.0, 1.0, 0.0])
+    # a whole epoch: the mean, so the epoch end's slow step counts once per epoch
+    assert probe_seconds_per_iteration([9.0, 5.0, 1.0, 1.0, 4.0], whole_epoch=True) == 2.0
+
+
+def test_short_epochs_are_timed_whole():
+    assert probe_steps(31) == (33, True)  # the photos: one epoch end among the timed steps
+    assert probe_steps(SHORT_EPOCH) == (SHORT_EPOCH + 2, True)
+    assert probe_steps(SHORT_EPOCH + 1) == (PROBE_ITERATIONS, False)
+    for bad in (0, -3, True, 2.0):
+        with pytest.raises(ValueError, match="niter_per_epoch must be a positive int"):
+            probe_steps(bad)
 
 
 def test_config_checks_the_budget(data_root, tmp_path):
@@ -78,16 +97,16 @@ def test_budgeted_run_is_the_plain_run_of_the_capped_length_and_resumes_at_it(da
     seen = []
     real = budget_mod.probe_seconds_per_iteration
 
-    def timed(steps):
-        seen.append(len(steps))
-        real(steps)  # the probe's real step times are well-formed
+    def timed(steps, whole_epoch=False):
+        seen.append((len(steps), whole_epoch))
+        real(steps, whole_epoch=whole_epoch)  # the probe's real step times are well-formed
         return 0.5
 
     monkeypatch.setattr(budget_mod, "probe_seconds_per_iteration", timed)
     monkeypatch.setattr(budget_mod, "_clock", _FakeClock())
     out = tmp_path / "budget"
     tr = Trainer(tiny_config(data_root, out, "train.iterations=40", "train.time_budget_s=20"))
-    assert seen == [budget_mod.PROBE_ITERATIONS]
+    assert seen == [(tr.niter_per_epoch + 2, True)]  # 6 iterations an epoch: timed whole
     assert tr.cfg.train.iterations == int(MARGIN * 18 / 0.5) == 34
     assert sorted(p.name for p in out.iterdir()) == []  # the probe wrote nothing here
     summary = tr.fit()
@@ -97,7 +116,7 @@ def test_budgeted_run_is_the_plain_run_of_the_capped_length_and_resumes_at_it(da
     plain = Trainer(tiny_config(data_root, tmp_path / "plain", "train.iterations=34")).fit()
     assert plain["last_loss"] == summary["last_loss"]
 
-    def no_probe(steps):
+    def no_probe(steps, whole_epoch=False):
         raise AssertionError("a resumed run must not time itself again")
 
     monkeypatch.setattr(budget_mod, "probe_seconds_per_iteration", no_probe)
@@ -116,7 +135,7 @@ def test_the_probe_leaves_no_loader_worker_behind(data_root, tmp_path, monkeypat
     (its own loader starts its workers only when it is iterated)."""
     import multiprocessing
 
-    monkeypatch.setattr(budget_mod, "probe_seconds_per_iteration", lambda steps: 0.5)
+    monkeypatch.setattr(budget_mod, "probe_seconds_per_iteration", lambda steps, whole_epoch=False: 0.5)
     before = set(multiprocessing.active_children())
     tr = Trainer(tiny_config(data_root, tmp_path, "train.iterations=40", "train.time_budget_s=1000",
                              "data.num_workers=1"))
