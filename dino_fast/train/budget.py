@@ -95,13 +95,11 @@ def resumed_iterations(cfg: TrainConfig, out_dir: Path) -> Optional[int]:
     holds no config."""
     from dino_fast.utils import checkpoint as ckpt_mod
 
-    mode = cfg.train.resume
-    if mode == "none":
-        return None
-    path = ckpt_mod.find_latest(out_dir) if mode == "auto" else Path(mode)
+    path = ckpt_mod.resume_path(cfg.train.resume, out_dir)
     if path is None or not path.is_file():
         return None
-    saved = ckpt_mod.load_checkpoint(path, map_location="cpu").get("config", {})
+    # the trainer loads it again to resume: only its config is read here (tensors memory-mapped)
+    saved = ckpt_mod.load_checkpoint(path, map_location="cpu", mmap=True).get("config", {})
     value = saved.get("train", {}).get("iterations")
     return value if isinstance(value, int) and value > 0 else None
 
@@ -140,16 +138,15 @@ def fit_to_budget(cfg: TrainConfig, make_trainer: Callable[[TrainConfig], Any], 
         probe_cfg = dataclasses.replace(
             cfg,
             data=dataclasses.replace(cfg.data, auto_crops=False),
-            train=dataclasses.replace(cfg.train, time_budget_s=0.0, max_iters=PROBE_ITERATIONS, output_dir=tmp,
-                                      resume="none", log_every=1, progress=False, tensorboard=False,
-                                      saveckp_freq=0, checkpoint_every_iters=0),
+            train=dataclasses.replace(cfg.train, time_budget_s=0.0, output_dir=tmp, resume="none", progress=False,
+                                      tensorboard=False, saveckp_freq=0, checkpoint_every_iters=0),
         )
         quiet = logging.getLogger("dino_fast")  # the probe's own set-up lines would read as the run's
         level = quiet.level
         quiet.setLevel(max(level, logging.WARNING))
         try:
             probe = make_trainer(probe_cfg)
-            steps, whole_epoch = probe_steps(probe.niter_per_epoch)
+            steps, whole_epoch = probe_steps(probe.niter_per_epoch)  # the epoch length is known once it is built
             probe.cfg = dataclasses.replace(probe.cfg, train=dataclasses.replace(probe.cfg.train, max_iters=steps))
             s_it = probe_seconds_per_iteration(probe.fit()["step_seconds"], whole_epoch=whole_epoch)
         finally:

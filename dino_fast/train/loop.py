@@ -405,9 +405,7 @@ class Trainer:
         if self.dist.is_main and self.out_dir.is_dir():
             for p in ckpt_mod.remove_stale_temporaries(self.out_dir):
                 log.info("removed %s, left by a checkpoint write that was interrupted", p.name)
-        if mode == "none":
-            return False
-        path = ckpt_mod.find_latest(self.out_dir) if mode == "auto" else Path(mode)
+        path = ckpt_mod.resume_path(mode, self.out_dir)
         if path is None:
             return False
         ck = ckpt_mod.load_checkpoint(path, map_location="cpu")

@@ -95,8 +95,10 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint written by :func:`atomic_save`, with a clear error when it is unusable.
+    With ``mmap`` the tensors are memory-mapped rather than read (for a look at the config or
+    counters of a large checkpoint).
 
     Raises:
         FileNotFoundError: no file at ``path``.
@@ -106,7 +108,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # truncated zip, pickle error, ...
         raise CheckpointError(
             f"checkpoint {path} ({path.stat().st_size} bytes) cannot be read, it is truncated or corrupt: "
@@ -121,6 +123,14 @@ def find_latest(output_dir: str | Path) -> Optional[Path]:
     """The checkpoint to resume from in ``output_dir`` (``checkpoint.pth``), or None."""
     p = Path(output_dir) / CHECKPOINT_NAME
     return p if p.is_file() else None
+
+
+def resume_path(mode: str, output_dir: str | Path) -> Optional[Path]:
+    """The checkpoint ``train.resume`` names: ``"none"`` -> None, ``"auto"`` -> :func:`find_latest`
+    in ``output_dir`` (None when there is none), anything else -> that path (not checked here)."""
+    if mode == "none":
+        return None
+    return find_latest(output_dir) if mode == "auto" else Path(mode)
 
 
 def remove_stale_temporaries(output_dir: str | Path) -> list[Path]:

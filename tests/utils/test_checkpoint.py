@@ -22,6 +22,17 @@ def test_round_trip(tmp_path):
     assert [x.name for x in tmp_path.iterdir()] == ["checkpoint.pth"]  # no temporary left
 
 
+def test_resume_path_and_a_memory_mapped_look(tmp_path):
+    """train.resume's three forms, one rule for the trainer and the budget; mmap=True gives the
+    same contents without reading the tensors up front."""
+    assert ck.resume_path("auto", tmp_path) is None and ck.resume_path("none", tmp_path) is None
+    p = ck.atomic_save(_state(2.0), tmp_path / "checkpoint.pth")
+    assert ck.resume_path("auto", tmp_path) == p and ck.resume_path("none", tmp_path) is None
+    assert ck.resume_path(str(tmp_path / "other.pth"), tmp_path) == tmp_path / "other.pth"  # not checked here
+    got = ck.load_checkpoint(p, mmap=True)
+    assert got["epoch"] == 2 and torch.equal(got["student"]["w"], torch.full((64, 64), 2.0))
+
+
 def test_full_disk_keeps_previous(tmp_path, monkeypatch):
     p = ck.atomic_save(_state(1.0), tmp_path / "checkpoint.pth")
     real_fsync = os.fsync
