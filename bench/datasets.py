@@ -23,6 +23,13 @@ name          images                                                   size     
               at least 80 levels of luminance apart, so colour says
               nothing about the class (a guard for colour-augmentation
               changes: the other sets are grey or tell classes by colour)
+``fashion``   Fashion-MNIST (Zalando's product photographs: shirts,  28 px    grey    3000/1000
+              trousers, bags, shoes; 10 classes), the first 300 of
+              each class of its train file and the first 100 of its
+              test file; read from Debian's ``dataset-fashion-mnist``
+              (``/usr/share/datasets/fashion-mnist``, or the folder
+              in ``$FASHION_MNIST_DIR``); the one set of real
+              photographs of objects, in classes of objects
 ``photos``    48 px patches of 10 photographs that scikit-image ships  48 px    colour  2000/600
               (astronaut, brick, camera, cat, coffee, coins, grass,
               gravel, Hubble deep field, rocket); the class is the
@@ -31,6 +38,8 @@ name          images                                                   size     
 ============  =======================================================  =======  ======  =========
 
 ``photos`` is the held-out set: no recipe decision was made on it (docs/NOTEBOOK.md, issue 17).
+``fashion`` came last (2026-12-07) and is not in the default list of ``python -m bench.learning``
+(it needs a Debian package); it was measured before any decision looked at it.
 ``scenes`` is its tuning twin, added after the photos' gains fell short: the same kind of task
 (which image a patch was cut from) on images that share nothing with the photos, so that a
 recipe change for patch data can be decided without looking at the held-out set.
@@ -52,7 +61,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 __all__ = ["SETS", "HELD_OUT", "build", "build_digits", "build_glyphs", "build_scenes", "build_tints",
-           "build_photos"]
+           "build_fashion", "build_photos", "read_idx", "DEFAULT_SETS", "FASHION_DIR", "FASHION_CLASSES"]
 
 FORMAT = 2
 HELD_OUT = "photos"
@@ -72,6 +81,11 @@ FACES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSans-Oblique.ttf", "Dej
          "STIXGeneralBolIta.ttf", "cmr10.ttf", "cmss10.ttf", "cmtt10.ttf", "cmti10.ttf", "cmb10.ttf")
 VAL_FACES = ("DejaVuSans-BoldOblique.ttf", "DejaVuSansMono.ttf", "DejaVuSerif-Italic.ttf",
              "STIXGeneralBol.ttf", "cmss10.ttf")
+
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+FASHION_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle_boot")
 
 
 def _rng(*key: int | str) -> np.random.Generator:
@@ -222,6 +236,58 @@ def _patch_items(set_name: str, sources: tuple[str, ...], train_per_class: int =
                 yield split, f"{ci:02d}-{name}", i, patch
 
 
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format; gzip-compressed when its name ends in ``.gz``) as a uint8 array.
+
+    Returns:
+        ``[N]`` labels or ``[N, H, W]`` images, dtype uint8.
+
+    Raises:
+        ValueError: the file is not an IDX file of unsigned bytes, or holds fewer bytes than its
+            header says; the message names the file and what was found.
+    """
+    import gzip
+    raw = gzip.decompress(Path(path).read_bytes()) if str(path).endswith(".gz") else Path(path).read_bytes()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {raw[:4].hex()!r}, expected 000008xx)")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = raw[4 + 4 * ndim:]
+    n = int(np.prod(dims)) if dims else 0
+    if len(body) < n:
+        raise ValueError(f"{path}: header says {dims} ({n} bytes), the file holds {len(body)}")
+    return np.frombuffer(body[:n], dtype=np.uint8).reshape(dims)
+
+
+def _fashion_dir() -> Path:
+    import os
+    d = Path(os.environ.get("FASHION_MNIST_DIR", FASHION_DIR))
+    need = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+            "t10k-labels-idx1-ubyte.gz")
+    missing = [f for f in need if not (d / f).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the 'fashion' set reads Fashion-MNIST from {d}, which lacks {missing}: install Debian's "
+            f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set FASHION_MNIST_DIR to a "
+            f"folder holding those four files")
+    return d
+
+
+def _fashion_items(train_per_class: int = 300, val_per_class: int = 100) -> Iterator[tuple[str, str, int, Image.Image]]:
+    d = _fashion_dir()
+    for split, stem, n in (("train", "train", train_per_class), ("val", "t10k", val_per_class)):
+        images = read_idx(d / f"{stem}-images-idx3-ubyte.gz")
+        labels = read_idx(d / f"{stem}-labels-idx1-ubyte.gz")
+        if len(images) != len(labels):
+            raise ValueError(f"{d}: {len(images)} {stem} images against {len(labels)} labels")
+        for ci, name in enumerate(FASHION_CLASSES):
+            idx = np.flatnonzero(labels == ci)[:n]
+            if len(idx) < n:
+                raise ValueError(f"{d}: class {ci} ({name}) has {len(idx)} {stem} images, {n} wanted")
+            for i in idx:
+                yield split, f"{ci}-{name}", int(i), Image.fromarray(images[i], mode="L")
+
+
 def _build(name: str, root: Path, items: Callable[[], Iterator[tuple[str, str, int, Image.Image]]]) -> Path:
     root = Path(root)
     if _complete(root):
@@ -255,13 +321,26 @@ def build_tints(root: Path, train_per_class: int = 200, val_per_class: int = 60)
     return _build("tints", root, lambda: _tint_items(train_per_class, val_per_class))
 
 
+def build_fashion(root: Path, train_per_class: int = 300, val_per_class: int = 100) -> Path:
+    """Write the ``fashion`` set under ``root`` (28x28 grey PNG from Fashion-MNIST) and return ``root``.
+
+    Raises:
+        FileNotFoundError: Fashion-MNIST's four files are not in :data:`FASHION_DIR` (or
+            ``$FASHION_MNIST_DIR``); the message says how to install them.
+    """
+    return _build("fashion", root, lambda: _fashion_items(train_per_class, val_per_class))
+
+
 def build_photos(root: Path) -> Path:
     """Write the held-out ``photos`` set under ``root`` (48x48 RGB PNG) and return ``root``."""
     return _build("photos", root, lambda: _patch_items("photos", PHOTOS))
 
 
 SETS: dict[str, Callable[[Path], Path]] = {"digits": build_digits, "glyphs": build_glyphs, "scenes": build_scenes,
-                                           "tints": build_tints, "photos": build_photos}
+                                           "tints": build_tints, "fashion": build_fashion,
+                                           "photos": build_photos}
+# what `python -m bench.learning` runs with no --sets: every set that needs no system package
+DEFAULT_SETS = ("digits", "glyphs", "scenes", "tints", "photos")
 
 
 def build(name: str, cache_dir: Path) -> Path:

@@ -25,6 +25,8 @@ Usage::
 
     python -m bench.learning                      # digits, glyphs, scenes, tints, then photos (held out); seeds 0 1 2
     python -m bench.learning --sets digits --seeds 0 --extra optim.lr=0.001
+    python -m bench.learning --sets fashion       # Fashion-MNIST, from Debian's dataset-fashion-mnist
+    python -m bench.learning --sets --folder cifar=/data/cifar10_5k   # your own DIR/train, DIR/val only
 
 Writes ``--out`` (default ``bench/results/learning.json``): one record per run and one summary per
 set. Runs one at a time (two at once on a small machine time each other); minutes per run.
@@ -107,6 +109,31 @@ def run_one(name: str, root: Path, seed: int, out_dir: Path, config: str, extra:
     return rec
 
 
+def parse_folders(specs: Sequence[str], *, taken: set[str]) -> dict[str, Path]:
+    """``NAME=DIR`` arguments as ``{NAME: DIR}``, each DIR checked to hold ``train/`` and ``val/`` folders.
+
+    Raises:
+        ValueError: an argument is not ``NAME=DIR``, a NAME repeats or is one of ``taken`` (the
+            sets of this run), or DIR lacks ``train/`` or ``val/``; the message names the argument
+            and what was expected.
+    """
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--folder {spec!r}: expected NAME=DIR (e.g. cifar=/data/cifar10, with "
+                             f"/data/cifar10/train and /data/cifar10/val)")
+        if name in out or name in taken:
+            raise ValueError(f"--folder {spec!r}: the name {name!r} is already used in this run")
+        root = Path(path).expanduser()
+        missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+        if missing:
+            raise ValueError(f"--folder {spec!r}: {root} has no {' or '.join(m + '/' for m in missing)} folder "
+                             f"(expected {root}/train/<class>/... and {root}/val/<class>/...)")
+        out[name] = root.resolve()
+    return out
+
+
 def _ms(values: list[float]) -> dict[str, float]:
     return {"mean": round(statistics.fmean(values), 2),
             "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0}
@@ -177,8 +204,12 @@ def merge_results(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit code (0 also when a bar is not met: read the report)."""
     p = argparse.ArgumentParser(prog="python -m bench.learning", description=__doc__.split("\n")[0])
-    p.add_argument("--sets", nargs="+", default=[n for n in datasets.SETS if n != datasets.HELD_OUT] + [datasets.HELD_OUT],
-                   help=f"image sets, of {sorted(datasets.SETS)} (the held-out {datasets.HELD_OUT!r} always runs last)")
+    p.add_argument("--sets", nargs="*", default=list(datasets.DEFAULT_SETS),
+                   help=f"image sets, of {sorted(datasets.SETS)} (the held-out {datasets.HELD_OUT!r} always runs last; "
+                        f"default {list(datasets.DEFAULT_SETS)})")
+    p.add_argument("--folder", nargs="*", default=[], metavar="NAME=DIR",
+                   help="also (or, with --sets and nothing after it, only) your own folders: DIR/train and DIR/val, "
+                        "classes as subfolders; reported under NAME, after the sets")
     p.add_argument("--builtin", action="store_true", help="also the built-in dataset (the one the recipe was tuned on)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--config", default="configs/default.yaml")
@@ -195,6 +226,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     unknown = [s for s in args.sets if s not in datasets.SETS]
     if unknown:
         p.error(f"unknown set(s) {unknown}; known: {sorted(datasets.SETS)}")
+    try:
+        folders = parse_folders(args.folder, taken=set(args.sets))
+    except ValueError as e:
+        p.error(str(e))
+    if not args.sets and not folders:
+        p.error("nothing to run: give --sets, --folder NAME=DIR, or both")
     sets = [s for s in args.sets if s != datasets.HELD_OUT] + [s for s in args.sets if s == datasets.HELD_OUT]
     out_path = ROOT / args.out
     if args.update and out_path.exists():  # before an hour of runs, not after
@@ -205,6 +242,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cache, runs_dir = ROOT / args.cache, ROOT / args.runs
     runs_dir.mkdir(parents=True, exist_ok=True)
     roots: dict[str, Path] = {s: datasets.build(s, cache) for s in sets}
+    roots.update(folders)
     if args.builtin:
         from dino_fast.data.builtin import ensure_builtin_dataset
         roots = {"builtin": Path(ensure_builtin_dataset(ROOT / "data_cache" / "builtin")), **roots}

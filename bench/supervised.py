@@ -187,7 +187,7 @@ def train_supervised(cfg: Any, train: tuple[torch.Tensor, torch.Tensor], val: tu
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit code."""
     p = argparse.ArgumentParser(prog="python -m bench.supervised", description=__doc__.split("\n")[0])
-    p.add_argument("--sets", nargs="+", default=list(datasets.SETS), help=f"of {sorted(datasets.SETS)}")
+    p.add_argument("--sets", nargs="+", default=list(datasets.DEFAULT_SETS), help=f"of {sorted(datasets.SETS)}")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--config", default="configs/default.yaml")
     p.add_argument("--epochs", type=int, default=40)

@@ -134,3 +134,69 @@ def test_update_replaces_the_sets_it_ran_and_keeps_the_rest():
     assert not learning.merge_results(new, old)["any_knn_at_or_above_raw_pixels"]  # old's photos replace new's
     with pytest.raises(ValueError, match=r"cannot merge into results of extra=\[\]: this run has extra=\['a=1'\]"):
         learning.merge_results(old, _results({"digits": 1.0}, extra=["a=1"]))
+
+
+def _write_idx(path: Path, a: np.ndarray) -> None:
+    import gzip
+    header = bytes([0, 0, 0x08, a.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in a.shape)
+    path.write_bytes(gzip.compress(header + a.astype(np.uint8).tobytes()))
+
+
+def test_read_idx_round_trips_and_names_a_bad_file(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    _write_idx(tmp_path / "x-idx3-ubyte.gz", a)
+    np.testing.assert_array_equal(datasets.read_idx(tmp_path / "x-idx3-ubyte.gz"), a)
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01" + (3).to_bytes(4, "big") + b"abc")
+    with pytest.raises(ValueError, match="not an IDX file of unsigned bytes"):
+        datasets.read_idx(tmp_path / "bad")
+    (tmp_path / "short").write_bytes(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"abc")
+    with pytest.raises(ValueError, match=r"header says \[5\] \(5 bytes\), the file holds 3"):
+        datasets.read_idx(tmp_path / "short")
+
+
+def test_fashion_takes_the_first_images_of_each_class_from_each_file(tmp_path, monkeypatch):
+    src = tmp_path / "fm"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for stem, n in (("train", 40), ("t10k", 30)):
+        labels = np.tile(np.arange(10), n // 10)
+        rng.shuffle(labels)
+        images = np.zeros((n, 28, 28), np.uint8)
+        images[:, 0, 0] = np.arange(n)  # each image's index in its file, to check which were taken
+        images[:, 1, 1] = labels
+        _write_idx(src / f"{stem}-images-idx3-ubyte.gz", images)
+        _write_idx(src / f"{stem}-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(src))
+    root = datasets.build_fashion(tmp_path / "out", train_per_class=2, val_per_class=3)
+    assert sorted(p.name for p in (root / "train").iterdir()) == [f"{i}-{c}" for i, c in
+                                                                    enumerate(datasets.FASHION_CLASSES)]
+    for split, stem, n in (("train", "train", 2), ("val", "t10k", 3)):
+        labels = datasets.read_idx(src / f"{stem}-labels-idx1-ubyte.gz")
+        for ci, name in enumerate(datasets.FASHION_CLASSES):
+            files = sorted((root / split / f"{ci}-{name}").iterdir())
+            got = [int(np.asarray(Image.open(f))[0, 0]) for f in files]
+            assert got == list(np.flatnonzero(labels == ci)[:n])
+            assert all(int(np.asarray(Image.open(f))[1, 1]) == ci for f in files)
+    with pytest.raises(ValueError, match=r"class 0 \(tshirt\) has 4 train images, 5 wanted"):
+        datasets.build_fashion(tmp_path / "out2", train_per_class=5, val_per_class=1)
+
+
+def test_fashion_without_its_files_says_how_to_get_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        datasets.build_fashion(tmp_path / "out")
+
+
+def test_folder_arguments_are_checked_before_any_run(tmp_path):
+    (tmp_path / "a" / "train").mkdir(parents=True)
+    (tmp_path / "a" / "val").mkdir()
+    (tmp_path / "b" / "train").mkdir(parents=True)
+    assert learning.parse_folders([f"mine={tmp_path / 'a'}"], taken={"digits"}) == {"mine": (tmp_path / "a").resolve()}
+    with pytest.raises(ValueError, match="expected NAME=DIR"):
+        learning.parse_folders([str(tmp_path / "a")], taken=set())
+    with pytest.raises(ValueError, match="the name 'digits' is already used"):
+        learning.parse_folders([f"digits={tmp_path / 'a'}"], taken={"digits"})
+    with pytest.raises(ValueError, match=r"has no val/ folder"):
+        learning.parse_folders([f"b={tmp_path / 'b'}"], taken=set())
+    with pytest.raises(SystemExit):
+        learning.main(["--sets"])  # nothing to run
