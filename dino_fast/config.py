@@ -142,10 +142,11 @@ class TrainSection:
     # weight-decay and teacher-momentum cosines end exactly there, and the lr warm-up and the
     # last-layer freeze last min(optim.warmup_epochs / optim.freeze_last_layer epochs, iterations / 4)
     iterations: int = 0
-    # a wall-clock budget in seconds for the training loop (0: none). With train.iterations set,
-    # the trainer first times a few real steps, then caps train.iterations at what fits the rest of
+    # a wall-clock budget in seconds for the training loop and the end-of-run evaluation (0:
+    # none). With train.iterations set, the trainer first times a few real steps and the
+    # evaluation on a sample of its images, then caps train.iterations at what fits the rest of
     # the budget (dino_fast/train/budget.py); the capped length is the run's, in its config.json
-    # and checkpoint, and a resumed run keeps it. The evaluation after training is not counted.
+    # and checkpoint, and a resumed run keeps it.
     time_budget_s: float = 0.0
     log_every: int = 10
     check_finite: bool = True

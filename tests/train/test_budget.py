@@ -15,7 +15,9 @@ from dino_fast.train.budget import (
     MIN_ITERATIONS,
     PROBE_ITERATIONS,
     SHORT_EPOCH,
+    EvalEstimate,
     budget_iterations,
+    estimate_eval_seconds,
     probe_seconds_per_iteration,
     probe_steps,
 )
@@ -141,6 +143,65 @@ def test_the_probe_leaves_no_loader_worker_behind(data_root, tmp_path, monkeypat
                              "data.num_workers=1"))
     assert tr.cfg.train.iterations == 40
     assert set(multiprocessing.active_children()) == before
+
+
+class _StepClock:
+    """Each call advances 1 s: every interval the estimate times is 1 s."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        self.t += 1.0
+        return self.t
+
+
+def test_eval_estimate_by_hand(data_root, tmp_path, monkeypatch):
+    """With every timed interval 1 s: one pass is 1 s per sampled image, scaled to train + val
+    images; the linear probe is 1 s per timed epochs, scaled to eval.linear_epochs and the train
+    images, once per backbone; passes are teacher, twin and the twin in grey for a colour model."""
+    import torch
+
+    from dino_fast.methods import build_backbone
+    from tests._train_utils import make_image_folder
+
+    val = make_image_folder(tmp_path / "val", per_class=3, seed=1)
+    n_train, n_val = 3 * 8, 3 * 3
+    cfg = tiny_config(data_root, tmp_path / "o", f"data.val_root={val}", "eval.knn_after_training=true",
+                      "eval.image_size=32", "eval.resize_size=36", "eval.linear_epochs=10")
+    backbone = build_backbone(cfg, teacher=True)
+    monkeypatch.setattr(budget_mod, "_clock", _StepClock())
+    est = estimate_eval_seconds(cfg, backbone, torch.device("cpu"))
+    sample = min(n_train, budget_mod.EVAL_SAMPLE)  # 24: every train image
+    assert est.images == n_train + n_val and est.passes == 3
+    assert est.pass_seconds == pytest.approx(1.0 / sample * (n_train + n_val))
+    linear_one = 1.0 * (10 / budget_mod.LINEAR_TIMED_EPOCHS) * (n_train / min(n_train, budget_mod.LINEAR_SAMPLE))
+    assert est.linear_seconds == pytest.approx(2 * linear_one)
+    assert est.seconds == pytest.approx(budget_mod.EVAL_SLACK * (3 * est.pass_seconds + est.linear_seconds))
+
+    def with_(*extra):
+        c = tiny_config(data_root, tmp_path / "o", f"data.val_root={val}", "eval.knn_after_training=true",
+                        "eval.image_size=32", "eval.resize_size=36", *extra)
+        return estimate_eval_seconds(c, build_backbone(c, teacher=True), torch.device("cpu"))
+
+    grey = with_("model.grayscale_input=true")
+    assert grey.passes == 2  # the grey reading of the twin is what the model already does
+    alone = with_("eval.compare_random_init=false", "eval.linear_after_training=false")
+    assert alone.passes == 1 and alone.linear_seconds == 0.0
+    assert with_("eval.knn_after_training=false") is None
+    no_val = tiny_config(data_root, tmp_path / "o", "eval.knn_after_training=true")
+    assert estimate_eval_seconds(no_val, backbone, torch.device("cpu")) is None  # nothing to evaluate on
+
+
+def test_the_evaluation_estimate_comes_out_of_the_budget(data_root, tmp_path, monkeypatch):
+    """Budget 20 s, probe 2 s, evaluation estimated at 6 s, 0.5 s per step:
+    int(0.95 * (20 - 2 - 6) / 0.5) = 22 iterations of the 40 asked."""
+    monkeypatch.setattr(budget_mod, "probe_seconds_per_iteration", lambda steps, whole_epoch=False: 0.5)
+    monkeypatch.setattr(budget_mod, "_clock", _FakeClock())
+    monkeypatch.setattr(budget_mod, "estimate_eval_seconds",
+                        lambda cfg, backbone, device: EvalEstimate(6.0, 100, 2, 2.5, 1.0))
+    tr = Trainer(tiny_config(data_root, tmp_path, "train.iterations=40", "train.time_budget_s=20"))
+    assert tr.cfg.train.iterations == int(MARGIN * 12 / 0.5) == 22
 
 
 def _reduce_worker(rank: int, world_size: int, port: int) -> None:
