@@ -450,3 +450,26 @@ def test_large_jpegs_decode_at_a_reduced_dct_scale(tmp_path: Path, monkeypatch: 
     x, x0 = reduced[1], ev[0][0]
     assert x.shape == x0.shape == (3, 64, 64)
     assert (x - x0).abs().mean() < 0.01 and (x - x0).abs().max() < 0.1  # ImageNet-normalised units
+
+
+def test_eval_dataset_from_samples_is_the_scanned_dataset_on_those_files(tmp_path):
+    """EvalImageFolder.from_samples (what the time budget's evaluation estimate reads) gives the
+    very items of the scanned dataset for the same (path, label) pairs, without a scan."""
+    from dino_fast.data.loader import EvalImageFolder
+
+    rng = np.random.default_rng(0)
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (40 + 8 * i, 48, 3), dtype=np.uint8)).save(tmp_path / c / f"{i}.png")
+    full = EvalImageFolder(tmp_path, image_size=32, resize_size=36, num_workers=1)
+    picked = full.samples[1::2]
+    part = EvalImageFolder.from_samples(picked, full.classes, image_size=32, resize_size=36)
+    assert part.scan is None and part.classes == ["a", "b"] and len(part) == 3
+    assert part.targets == [lab for _, lab in picked]
+    for j, i in enumerate(range(1, 6, 2)):
+        x, y = part[j]
+        x_ref, y_ref = full[i]
+        assert y == y_ref and torch.equal(x, x_ref)
+    with pytest.raises(ValueError, match="resize_size must be an int >= image_size"):
+        EvalImageFolder.from_samples(picked, full.classes, image_size=32, resize_size=30)
