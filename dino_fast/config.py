@@ -182,7 +182,8 @@ class EvalConfig:
     compare_random_init: bool = True
     # the end-of-run evaluation's feature extraction: fp32 | bf16 (autocast: faster on GPUs and on
     # CPUs with native bf16, for folders of tens of thousands of images; the k-NN and the probe
-    # then see bf16-rounded features)
+    # then see bf16-rounded features) | auto (bf16 from 20 000 train + val images when training
+    # ran in bf16, else fp32; dino_fast.train.precision.resolve_eval_precision)
     precision: str = "fp32"
 
 
@@ -312,7 +313,7 @@ class TrainConfig:
         if not (isinstance(ls, (int, float)) and not isinstance(ls, bool) and math.isfinite(ls) and ls >= 0):
             raise ConfigError(f"model.layerscale_init must be a finite float >= 0 (0: no LayerScale, DINOv2: 1e-5), "
                               f"got {ls!r}")
-        _choice("eval.precision", self.eval.precision, ("fp32", "bf16"))
+        _choice("eval.precision", self.eval.precision, ("fp32", "bf16", "auto"))
         if self.eval.linear_epochs < 1:
             raise ConfigError(f"eval.linear_epochs must be >= 1, got {self.eval.linear_epochs}")
         if self.data.local_crops_number < 0:

@@ -119,7 +119,8 @@ def _eval_passes(cfg: TrainConfig, backbone: nn.Module) -> int:
     return 3 if grey_possible else 2
 
 
-def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.device) -> Optional[EvalEstimate]:
+def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.device,
+                          train_precision: str = "fp32") -> Optional[EvalEstimate]:
     """Time the end-of-run evaluation of a run described by ``cfg`` on this host, before training.
 
     The evaluation reads every train and val image once per backbone pass, then fits the linear
@@ -130,7 +131,8 @@ def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.d
       resized exactly as the evaluation does (``eval.image_size`` / ``eval.resize_size``), run
       through ``backbone`` under ``eval.precision`` in this process (decoding and the forward one
       after the other, as they share 2 cores; the first batch, which warms up, not timed),
-      scaled to the number of train + val images (counted by extension, nothing opened);
+      scaled to the number of train + val images (counted by extension, nothing opened), in
+      the precision the evaluation will use;
     - the linear probe (``eval.linear_after_training``, at least 2 classes): the probe's own code
       (:func:`dino_fast.eval.linear.linear_eval_features`: the lr sweep and the refit) on random
       features of the backbone's width, for :data:`LINEAR_TIMED_EPOCHS` epochs on up to
@@ -141,6 +143,8 @@ def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.d
         cfg: the run's config, data sizes final (``data.auto_crops`` applied).
         backbone: a backbone of the run's architecture (its weights do not matter); left in eval mode.
         device: where the evaluation will run.
+        train_precision: the training's resolved precision (``eval.precision=auto`` follows it
+            on large folders: :func:`dino_fast.train.precision.resolve_eval_precision`).
 
     Returns:
         The estimate, or ``None`` when the run evaluates nothing (``eval.knn_after_training``
@@ -150,7 +154,7 @@ def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.d
     from dino_fast.data.loader import EvalImageFolder
     from dino_fast.eval.knn import run_eval_roots
     from dino_fast.eval.linear import extract_probe_features, linear_eval_features
-    from dino_fast.train.precision import autocast_context
+    from dino_fast.train.precision import autocast_context, resolve_eval_precision
 
     if not cfg.eval.knn_after_training:
         return None
@@ -169,7 +173,7 @@ def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.d
     bs = max(1, min(cfg.eval.batch_size, len(sample) // 4 or 1))
     warm = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, range(min(bs, len(ds)))), batch_size=bs)
     timed = torch.utils.data.DataLoader(ds, batch_size=bs)
-    with autocast_context(device, cfg.eval.precision):
+    with autocast_context(device, resolve_eval_precision(cfg.eval.precision, n_images, train_precision)):
         extract_probe_features(backbone, warm, device)
         t0 = _clock()
         extract_probe_features(backbone, timed, device)
@@ -258,7 +262,7 @@ def fit_to_budget(cfg: TrainConfig, make_trainer: Callable[[TrainConfig], Any], 
             steps, whole_epoch = probe_steps(probe.niter_per_epoch)  # the epoch length is known once it is built
             probe.cfg = dataclasses.replace(probe.cfg, train=dataclasses.replace(probe.cfg.train, max_iters=steps))
             s_it = probe_seconds_per_iteration(probe.fit()["step_seconds"], whole_epoch=whole_epoch)
-            estimate = estimate_eval_seconds(cfg, probe.eval_backbone(), probe.device)
+            estimate = estimate_eval_seconds(cfg, probe.eval_backbone(), probe.device, probe.precision)
         finally:
             quiet.setLevel(level)
         del probe

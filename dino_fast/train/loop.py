@@ -65,7 +65,7 @@ from dino_fast.ops.ema import NonFiniteEMAError, TeacherEMA
 from dino_fast.train import fsdp as fsdp_mod
 from dino_fast.train.budget import fit_to_budget
 from dino_fast.train.optim import build_adamw, cancel_gradients_last_layer, clip_gradients
-from dino_fast.train.precision import autocast_context, resolve_precision, set_speed_flags
+from dino_fast.train.precision import autocast_context, resolve_eval_precision, resolve_precision, set_speed_flags
 from dino_fast.utils import checkpoint as ckpt_mod
 from dino_fast.utils.distributed import DistInfo, barrier, cleanup, init_distributed, is_dist
 from dino_fast.utils.faults import fault_point
@@ -825,8 +825,13 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> EvalReport:
         torch.manual_seed(cfg.train.seed + 12345)
         backbones["random_init"] = build_backbone(cfg, teacher=True).to(trainer.device)
 
+    n_images = len(loaders[0].dataset) + len(loaders[1].dataset)
+    precision = resolve_eval_precision(cfg.eval.precision, n_images, trainer.precision)
+    if precision != cfg.eval.precision:
+        log.info("eval.precision=%s: %s for %d train + val images", cfg.eval.precision, precision, n_images)
+
     def features(backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        with autocast_context(trainer.device, cfg.eval.precision):
+        with autocast_context(trainer.device, precision):
             train_f, train_y = extract_probe_features(backbone, loaders[0], trainer.device)
             val_f, val_y = extract_probe_features(backbone, loaders[1], trainer.device)
         return train_f, train_y, val_f, val_y

@@ -199,7 +199,7 @@ def test_the_evaluation_estimate_comes_out_of_the_budget(data_root, tmp_path, mo
     monkeypatch.setattr(budget_mod, "probe_seconds_per_iteration", lambda steps, whole_epoch=False: 0.5)
     monkeypatch.setattr(budget_mod, "_clock", _FakeClock())
     monkeypatch.setattr(budget_mod, "estimate_eval_seconds",
-                        lambda cfg, backbone, device: EvalEstimate(6.0, 100, 2, 2.5, 1.0))
+                        lambda cfg, backbone, device, train_precision: EvalEstimate(6.0, 100, 2, 2.5, 1.0))
     tr = Trainer(tiny_config(data_root, tmp_path, "train.iterations=40", "train.time_budget_s=20"))
     assert tr.cfg.train.iterations == int(MARGIN * 12 / 0.5) == 22
 

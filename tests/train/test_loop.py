@@ -169,8 +169,36 @@ def test_eval_report_in_bf16(data_root, tmp_path, monkeypatch):
         knn, linear, _ = loop_mod.run_eval_report(tr)
         assert len(seen) == 4 and set(knn) == set(linear) == {"teacher", "random_init"}
         assert all(s == want if want else not s[0] for s in seen), (precision, seen)
-    with pytest.raises(ConfigError, match=r"eval.precision must be one of \['fp32', 'bf16'\], got 'fp16'"):
+    with pytest.raises(ConfigError, match=r"eval.precision must be one of \['fp32', 'bf16', 'auto'\], got 'fp16'"):
         tiny_config(data_root, tmp_path / "b", *args, "eval.precision=fp16")
+    # auto: fp32 on a small folder; bf16 on a large one (the threshold lowered to this folder's
+    # size) when the training ran in bf16, fp32 when it ran in fp32
+    import dino_fast.train.precision as precision_mod
+
+    tr = Trainer(tiny_config(data_root, tmp_path / "auto", *args, "eval.precision=auto"))
+    tr.fit()
+    n_images = 2 * 24  # data_root is both the train and the val folder
+    for threshold, train_precision, want in ((n_images + 1, "bf16", None), (n_images, "bf16", (True, torch.bfloat16)),
+                                             (n_images, "fp32", None)):
+        monkeypatch.setattr(precision_mod, "EVAL_BF16_MIN_IMAGES", threshold)
+        tr.precision = train_precision
+        seen.clear()
+        loop_mod.run_eval_report(tr, linear=False)
+        assert len(seen) >= 4 and all(s == want if want else not s[0] for s in seen), (threshold, train_precision, seen)
+
+
+def test_resolve_eval_precision() -> None:
+    from dino_fast.train.precision import EVAL_BF16_MIN_IMAGES, resolve_eval_precision
+
+    assert resolve_eval_precision("auto", EVAL_BF16_MIN_IMAGES, "bf16") == "bf16"
+    assert resolve_eval_precision("auto", EVAL_BF16_MIN_IMAGES - 1, "bf16") == "fp32"
+    assert resolve_eval_precision("auto", 10 ** 6, "fp32") == "fp32"
+    assert resolve_eval_precision("auto", 10 ** 6, "fp16") == "fp32"
+    assert resolve_eval_precision("bf16", 10, "fp32") == "bf16" and resolve_eval_precision("fp32", 10 ** 6, "bf16") == "fp32"
+    with pytest.raises(ValueError, match="eval.precision must be auto, bf16 or fp32, got 'fp16'"):
+        resolve_eval_precision("fp16", 10, "bf16")
+    with pytest.raises(ValueError, match="n_images must be an int >= 0, got -1"):
+        resolve_eval_precision("auto", -1, "bf16")
 
 
 def test_eval_report_skips_the_linear_probe_on_one_class(tmp_path):
