@@ -234,6 +234,8 @@ def fit_to_budget(cfg: TrainConfig, make_trainer: Callable[[TrainConfig], Any], 
     A resumed run (a checkpoint that ``train.resume`` would load) keeps the checkpoint's
     ``train.iterations`` and is not timed again.
     """
+    from dino_fast.methods import build_backbone
+
     budget = cfg.train.time_budget_s
     if budget <= 0:
         return cfg
@@ -262,7 +264,10 @@ def fit_to_budget(cfg: TrainConfig, make_trainer: Callable[[TrainConfig], Any], 
             steps, whole_epoch = probe_steps(probe.niter_per_epoch)  # the epoch length is known once it is built
             probe.cfg = dataclasses.replace(probe.cfg, train=dataclasses.replace(probe.cfg.train, max_iters=steps))
             s_it = probe_seconds_per_iteration(probe.fit()["step_seconds"], whole_epoch=whole_epoch)
-            estimate = estimate_eval_seconds(cfg, probe.eval_backbone(), probe.device, probe.precision)
+            # a fresh backbone of the run's architecture: the weights do not change the time, and
+            # under FSDP the probe's teacher is sharded (its unsharded copy is only on rank 0's disk)
+            estimate = estimate_eval_seconds(cfg, build_backbone(cfg, teacher=True).to(probe.device), probe.device,
+                                             probe.precision)
         finally:
             quiet.setLevel(level)
         del probe

@@ -230,3 +230,30 @@ def test_every_rank_takes_the_slowest_ranks_step_time():
     from tests._dist_utils import free_port, spawn_ranks
 
     spawn_ranks(_reduce_worker, (2, free_port()), 2, 120, "the two ranks' step-time reduction")
+
+
+def test_the_trainer_estimates_its_evaluation_on_a_fresh_backbone(data_root, tmp_path, monkeypatch):
+    """With an evaluation to run, the budget times it (the real estimate) on a fresh backbone of
+    the run's architecture, not on the probe's teacher (sharded under FSDP)."""
+    seen = []
+    real = budget_mod.estimate_eval_seconds
+
+    def spy(cfg, backbone, device, train_precision="fp32"):
+        est = real(cfg, backbone, device, train_precision)
+        seen.append((type(backbone).__name__, backbone.embed_dim, len(backbone.blocks), est))
+        return est
+
+    monkeypatch.setattr(budget_mod, "probe_seconds_per_iteration", lambda steps, whole_epoch=False: 0.5)
+    monkeypatch.setattr(budget_mod, "estimate_eval_seconds", spy)
+
+    def no_teacher(self):
+        raise AssertionError("the budget must not read the probe's teacher (FSDP: rank 0's file only)")
+
+    monkeypatch.setattr(Trainer, "eval_backbone", no_teacher)
+    tr = Trainer(tiny_config(data_root, tmp_path, "train.iterations=40", "train.time_budget_s=1000",
+                             "eval.knn_after_training=true", f"data.val_root={data_root}", "eval.image_size=32",
+                             "eval.resize_size=36", "eval.linear_epochs=4"))
+    assert tr.cfg.train.iterations == 40
+    (name, dim, depth, est), = seen
+    assert (name, dim, depth) == ("VisionTransformer", 192, 1)
+    assert est.images == 2 * 24 and est.passes == 3 and est.seconds > 0
