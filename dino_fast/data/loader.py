@@ -353,8 +353,9 @@ class EvalImageFolder(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, *, image_size: int = 224, resize_size: Optional[int] = None, num_workers: int = 2) -> None:
+        sizes = self._sizes(image_size, resize_size)  # before a scan of the whole folder
         self.scan = scan_image_folder(root, num_workers=num_workers)
-        self._set(self.scan.classes, [(r.path, r.label) for r in self.scan.records], image_size, resize_size)
+        self._set(self.scan.classes, [(r.path, r.label) for r in self.scan.records], *sizes)
 
     @classmethod
     def from_samples(cls, samples: Sequence[tuple[str, int]], classes: Sequence[str], *, image_size: int = 224,
@@ -364,17 +365,21 @@ class EvalImageFolder(Dataset):
         without scanning a whole folder); ``scan`` is ``None``."""
         ds = cls.__new__(cls)
         ds.scan = None
-        ds._set(list(classes), [(str(p), int(lab)) for p, lab in samples], image_size, resize_size)
+        ds._set(list(classes), [(str(p), int(lab)) for p, lab in samples], *cls._sizes(image_size, resize_size))
         return ds
 
-    def _set(self, classes: list[str], samples: list[tuple[str, int]], image_size: int,
-             resize_size: Optional[int]) -> None:
+    @staticmethod
+    def _sizes(image_size: int, resize_size: Optional[int]) -> tuple[int, int]:
+        """``(image_size, resize_size)`` checked, the resize defaulting to ``round(S * 256 / 224)``."""
         if not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
         if resize_size is None:
             resize_size = int(round(image_size * 256 / 224))
         if not isinstance(resize_size, int) or resize_size < image_size:
             raise ValueError(f"resize_size must be an int >= image_size ({image_size}), got {resize_size!r}")
+        return image_size, resize_size
+
+    def _set(self, classes: list[str], samples: list[tuple[str, int]], image_size: int, resize_size: int) -> None:
         self.classes = classes
         self.samples = samples
         self.targets = [lab for _, lab in self.samples]

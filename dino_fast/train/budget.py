@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dino_fast.config import TrainConfig
+from dino_fast.methods import build_backbone
 
 log = logging.getLogger("dino_fast.train")
 
@@ -176,7 +177,7 @@ def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.d
     with autocast_context(device, resolve_eval_precision(cfg.eval.precision, n_images, train_precision)):
         extract_probe_features(backbone, warm, device)
         t0 = _clock()
-        extract_probe_features(backbone, timed, device)
+        sample_feats, _ = extract_probe_features(backbone, timed, device)
         per_image = (_clock() - t0) / len(ds)
     passes = _eval_passes(cfg, backbone)
     pass_seconds = per_image * n_images
@@ -185,8 +186,7 @@ def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.d
         n_train = len(train_files)
         rows = min(n_train, LINEAR_SAMPLE)
         gen = torch.Generator().manual_seed(0)
-        dim = int(getattr(backbone, "embed_dim", 0) or getattr(backbone, "num_features", 0) or 384)
-        feats = torch.randn(rows, dim, generator=gen)
+        feats = torch.randn(rows, sample_feats.shape[1], generator=gen)  # the probe's own feature width
         labels = torch.arange(rows) % len(classes)
         epochs = max(1, min(LINEAR_TIMED_EPOCHS, cfg.eval.linear_epochs))
         t0 = _clock()
@@ -234,8 +234,6 @@ def fit_to_budget(cfg: TrainConfig, make_trainer: Callable[[TrainConfig], Any], 
     A resumed run (a checkpoint that ``train.resume`` would load) keeps the checkpoint's
     ``train.iterations`` and is not timed again.
     """
-    from dino_fast.methods import build_backbone
-
     budget = cfg.train.time_budget_s
     if budget <= 0:
         return cfg
