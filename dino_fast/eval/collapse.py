@@ -41,8 +41,14 @@ __all__ = [
     "entropy_from_logits",
     "feature_std",
     "format_stats",
+    "grey_sample_stride",
     "mean_entropy",
+    "GREY_SAMPLE_IMAGES",
 ]
+
+# the most train + val images the random-init twin's grey reading (diagnose_colour) reads: a larger
+# folder is read at an even stride, since the reading only has to tell two k-NN figures apart
+GREY_SAMPLE_IMAGES = 6000
 
 RANKME_EPS = 1e-7  # Garrido et al. 2023: p_k = sigma_k / ||sigma||_1 + eps
 PROB_SUM_TOL = 1e-3  # how far a probability row may sum from 1 (fp16/bf16 softmax outputs pass)
@@ -515,6 +521,32 @@ def diagnose_colour(colour_top1: float, grey_top1: float, *, margin: float = 2.0
         return (f"colour carries the classes here: {figures}; keep it (model.grayscale_input would lose it) and look "
                 "for the shortcut elsewhere")
     return f"colour barely matters to the classes here: {figures} (within {margin:g} points)"
+
+
+def grey_sample_stride(n_images: int, *, cap: Optional[int] = None) -> int:
+    """Every how many-th image of the train and val folders the twin's grey reading reads.
+
+    The reading compares two k-NN top-1 figures of one random-init backbone (colour and grey,
+    :func:`diagnose_colour`); on a folder of tens of thousands of images a few thousand tell them
+    apart as well and cost a fraction of a pass. Both readings then use the same images: every
+    ``stride``-th of each split, in folder order (which is class order, so every class keeps its
+    share).
+
+    Args:
+        n_images: train + val images of the evaluation (an int >= 0).
+        cap: the most images to read (an int >= 1; default :data:`GREY_SAMPLE_IMAGES`).
+
+    Returns:
+        1 up to ``cap`` images, else ``ceil(n_images / cap)`` (an int >= 1).
+
+    Raises:
+        ValueError: ``n_images`` negative or ``cap`` below 1, or either not an int.
+    """
+    cap = GREY_SAMPLE_IMAGES if cap is None else cap
+    for name, value, least in (("n_images", n_images, 0), ("cap", cap, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}: expected an int >= {least}, got {value!r}")
+    return max(1, math.ceil(n_images / cap))
 
 
 def format_stats(stats: CollapseStats) -> str:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from dino_fast.config import TrainConfig
+from dino_fast.eval.collapse import grey_sample_stride
 from dino_fast.methods import build_backbone
 
 log = logging.getLogger("dino_fast.train")
@@ -105,19 +106,24 @@ class EvalEstimate(NamedTuple):
 
     seconds: float  # all of it: the feature passes, the linear probes (and a margin for the k-NN)
     images: int  # train + val images one pass reads
-    passes: int  # backbone passes over them (teacher, random-init twin, its grey reading)
+    passes: float  # backbone passes over them (teacher, random-init twin, its grey reading: a fraction of a
+    # pass on a folder above GREY_SAMPLE_IMAGES)
     pass_seconds: float  # one pass over all the images
     linear_seconds: float  # every linear probe together
 
 
-def _eval_passes(cfg: TrainConfig, backbone: nn.Module) -> int:
-    """Backbone passes of :func:`dino_fast.train.loop.run_eval_report`: the teacher, the random-init
-    twin, and the twin once more in grey where the model reads colour (only when the gain warning
-    fires, so an upper bound)."""
+def _eval_passes(cfg: TrainConfig, backbone: nn.Module, n_train: int, n_val: int) -> float:
+    """Backbone passes of :func:`dino_fast.train.loop.run_eval_report` over ``n_train + n_val``
+    images: the teacher, the random-init twin, and the twin once more in grey where the model reads
+    colour (only when the gain warning fires, so an upper bound), which reads every
+    :func:`~dino_fast.eval.collapse.grey_sample_stride`-th image of each split: a whole pass up to
+    :data:`~dino_fast.eval.collapse.GREY_SAMPLE_IMAGES` images, a fraction of one above."""
     if not cfg.eval.compare_random_init:
-        return 1
-    grey_possible = hasattr(backbone, "grayscale_input") and not backbone.grayscale_input
-    return 3 if grey_possible else 2
+        return 1.0
+    if not (hasattr(backbone, "grayscale_input") and not backbone.grayscale_input):
+        return 2.0
+    stride = grey_sample_stride(n_train + n_val)
+    return 2.0 + (math.ceil(n_train / stride) + math.ceil(n_val / stride)) / (n_train + n_val)
 
 
 def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.device,
@@ -179,7 +185,7 @@ def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.d
         t0 = _clock()
         sample_feats, _ = extract_probe_features(backbone, timed, device)
         per_image = (_clock() - t0) / len(ds)
-    passes = _eval_passes(cfg, backbone)
+    passes = _eval_passes(cfg, backbone, len(train_files), len(val_files))
     pass_seconds = per_image * n_images
     linear_seconds = 0.0
     if cfg.eval.linear_after_training and len(classes) >= 2:
@@ -280,7 +286,7 @@ def fit_to_budget(cfg: TrainConfig, make_trainer: Callable[[TrainConfig], Any], 
         verdict = ("fit" if iterations == cfg.train.iterations else
                    f"do not fit: train.iterations {cfg.train.iterations} -> {iterations}")
         evaluation = ("no end-of-run evaluation" if estimate is None else
-                      f"the end-of-run evaluation estimated at {eval_s:.1f} s ({estimate.passes} pass(es) over "
+                      f"the end-of-run evaluation estimated at {eval_s:.1f} s ({estimate.passes:.3g} pass(es) over "
                       f"{estimate.images} images at {estimate.pass_seconds:.1f} s each, linear probes "
                       f"{estimate.linear_seconds:.1f} s)")
         log.info("train.time_budget_s=%g: %.3f s per iteration over %d probe steps (%s; %.1f s spent probing), "

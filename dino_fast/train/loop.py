@@ -57,7 +57,7 @@ from dino_fast.config import CUDA_GRAPH_COMPILE_MODES, ConfigError, TrainConfig,
 from dino_fast.data import MultiCropAugment, MultiCropConfig, build_multicrop_loader
 from dino_fast.data.builtin import ensure_builtin_dataset
 from dino_fast.data.sizing import median_image_side
-from dino_fast.eval.collapse import collapse_stats, diagnose, diagnose_colour, diagnose_gain
+from dino_fast.eval.collapse import collapse_stats, diagnose, diagnose_colour, diagnose_gain, grey_sample_stride
 from dino_fast.eval.knn import eval_loaders, knn_classify, run_eval_roots
 from dino_fast.eval.linear import extract_probe_features, linear_eval_features
 from dino_fast.methods import BatchInfo, Method, StepOutput, build_backbone, build_method, get_method
@@ -75,6 +75,8 @@ from dino_fast.utils.schedules import cosine_scheduler
 log = logging.getLogger("dino_fast.train")
 # the k-NN report's key for the random-init twin read in grey (run_eval_report)
 GREY_TWIN = "random_init_grayscale"
+# ... and the same twin in colour on the same images, where the grey reading read a sample of a large folder
+GREY_TWIN_COLOUR = "random_init_sample"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -798,7 +800,10 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> EvalReport:
     (:func:`dino_fast.eval.collapse.diagnose_gain` fires) and the model reads colour, the twin's
     weights are read once more with ``grayscale_input`` on (k-NN only, key ``GREY_TWIN``; a
     backbone without that option is left out), so that the report can say whether colour
-    carries the classes or hides them (:func:`dino_fast.eval.collapse.diagnose_colour`).
+    carries the classes or hides them (:func:`dino_fast.eval.collapse.diagnose_colour`). Above
+    :data:`dino_fast.eval.collapse.GREY_SAMPLE_IMAGES` train + val images that reading takes every
+    :func:`~dino_fast.eval.collapse.grey_sample_stride`-th image of each split, and the twin's colour
+    features of the same images give its counterpart (key ``GREY_TWIN_COLOUR``).
 
     Returns:
         An :class:`EvalReport`; ``EvalReport({}, {})`` without an image-folder val split, and its
@@ -830,10 +835,11 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> EvalReport:
     if precision != cfg.eval.precision:
         log.info("eval.precision=%s: %s for %d train + val images", cfg.eval.precision, precision, n_images)
 
-    def features(backbone: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def features(backbone: nn.Module, pair: Sequence[Any] = loaders
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         with autocast_context(trainer.device, precision):
-            train_f, train_y = extract_probe_features(backbone, loaders[0], trainer.device)
-            val_f, val_y = extract_probe_features(backbone, loaders[1], trainer.device)
+            train_f, train_y = extract_probe_features(backbone, pair[0], trainer.device)
+            val_f, val_y = extract_probe_features(backbone, pair[1], trainer.device)
         return train_f, train_y, val_f, val_y
 
     def knn_of(train_f: torch.Tensor, train_y: torch.Tensor, val_f: torch.Tensor,
@@ -845,8 +851,11 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> EvalReport:
     knn: dict[str, Any] = {}
     probe: dict[str, Any] = {}
     labels_per_class: Optional[int] = None
+    twin_features: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = None
     for name, backbone in backbones.items():
         train_f, train_y, val_f, val_y = features(backbone)
+        if name == "random_init":
+            twin_features = (train_f, train_y, val_f, val_y)
         if labels_per_class is None and len(classes) >= 2:
             labels_per_class = int(torch.bincount(train_y.long(), minlength=len(classes)).min())
         knn[name] = knn_of(train_f, train_y, val_f, val_y)
@@ -861,7 +870,22 @@ def run_eval_report(trainer: Trainer, *, linear: bool = True) -> EvalReport:
         # the same random weights read in grey (the flag adds no parameter): does colour help the
         # classes or hide them? (a backbone without the option is left out)
         twin.grayscale_input = True
-        knn[GREY_TWIN] = knn_of(*features(twin))
+        stride = grey_sample_stride(n_images)
+        if stride == 1:
+            knn[GREY_TWIN] = knn_of(*features(twin))
+        else:  # a large folder: every stride-th image of each split, read in grey and (already) in colour
+            picks = [torch.arange(0, len(loader.dataset), stride) for loader in loaders]
+            sample = [torch.utils.data.DataLoader(torch.utils.data.Subset(loader.dataset, idx.tolist()),
+                                                  batch_size=loader.batch_size, shuffle=False,
+                                                  num_workers=loader.num_workers, drop_last=False)
+                      for loader, idx in zip(loaders, picks)]
+            assert twin_features is not None
+            train_f, train_y, val_f, val_y = twin_features
+            knn[GREY_TWIN_COLOUR] = knn_of(train_f[picks[0]], train_y[picks[0]], val_f[picks[1]], val_y[picks[1]])
+            knn[GREY_TWIN] = knn_of(*features(twin, sample))
+            log.info("the random-init twin's grey reading: every %d-th image (%d train + %d val of %d), against "
+                     "its colour features of the same images (%s)", stride, len(picks[0]), len(picks[1]),
+                     n_images, GREY_TWIN_COLOUR)
     return EvalReport(knn, probe, labels_per_class)
 
 
@@ -947,5 +971,5 @@ def _print_knn_report(report: dict[str, Any], labels_per_class: Optional[int] = 
         if warning:
             log.warning("k-NN at k=%s: %s", k, warning)
         if GREY_TWIN in report:
-            log.warning("k-NN at k=%s: %s", k,
-                        diagnose_colour(report["random_init"][k]["top1"], report[GREY_TWIN][k]["top1"]))
+            colour = report.get(GREY_TWIN_COLOUR, report["random_init"])  # the same images as the grey reading
+            log.warning("k-NN at k=%s: %s", k, diagnose_colour(colour[k]["top1"], report[GREY_TWIN][k]["top1"]))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ast
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -347,3 +348,21 @@ def test_diagnose_colour_says_which_way_colour_pulls():
             collapse.diagnose_colour(**bad)
     with pytest.raises(ValueError, match="margin: expected points >= 0, got -1"):
         collapse.diagnose_colour(1.0, 2.0, margin=-1)
+
+
+def test_grey_sample_stride_caps_the_grey_reading():
+    """1 up to the cap, then the smallest stride that reads at most the cap (every image counted
+    in ceil(n / stride) per split is at most ceil(n / stride) + 1 over both)."""
+    assert collapse.GREY_SAMPLE_IMAGES == 6000
+    for n, want in ((0, 1), (1, 1), (6000, 1), (6001, 2), (12000, 2), (12001, 3), (60000, 10)):
+        assert collapse.grey_sample_stride(n) == want, n
+    assert collapse.grey_sample_stride(33, cap=10) == 4 and collapse.grey_sample_stride(10, cap=10) == 1
+    for n_train, n_val in ((50000, 10000), (20000, 5000), (7001, 3)):
+        s = collapse.grey_sample_stride(n_train + n_val)
+        assert math.ceil(n_train / s) + math.ceil(n_val / s) <= collapse.GREY_SAMPLE_IMAGES + 1
+    for bad, match in (({"n_images": -1}, "n_images: expected an int >= 0, got -1"),
+                       ({"n_images": 2.0}, "n_images: expected an int >= 0, got 2.0"),
+                       ({"n_images": True}, "n_images: expected an int >= 0, got True"),
+                       ({"n_images": 5, "cap": 0}, "cap: expected an int >= 1, got 0")):
+        with pytest.raises(ValueError, match=re.escape(match)):
+            collapse.grey_sample_stride(**bad)

@@ -9,6 +9,7 @@ import math
 import pytest
 
 from dino_fast.config import ConfigError
+from dino_fast.eval import collapse as collapse_mod
 from dino_fast.train import budget as budget_mod
 from dino_fast.train.budget import (
     MARGIN,
@@ -191,6 +192,12 @@ def test_eval_estimate_by_hand(data_root, tmp_path, monkeypatch):
     assert with_("eval.knn_after_training=false") is None
     no_val = tiny_config(data_root, tmp_path / "o", "eval.knn_after_training=true")
     assert estimate_eval_seconds(no_val, backbone, torch.device("cpu")) is None  # nothing to evaluate on
+    # a folder above the grey reading's cap: that reading is every 4th image of each split
+    monkeypatch.setattr(collapse_mod, "GREY_SAMPLE_IMAGES", 10)  # 33 images: stride 4, 6 train + 3 val
+    sampled = with_()
+    assert sampled.passes == pytest.approx(2 + (6 + 3) / (n_train + n_val))
+    assert sampled.seconds == pytest.approx(budget_mod.EVAL_SLACK * (sampled.passes * sampled.pass_seconds
+                                                                     + sampled.linear_seconds))
 
 
 def test_the_evaluation_estimate_comes_out_of_the_budget(data_root, tmp_path, monkeypatch):

@@ -305,6 +305,67 @@ def test_eval_report_reads_the_twin_in_grey_when_the_gain_is_small(data_root, tm
     assert GREY_TWIN not in run_eval_report(grey, linear=False)[0]  # already grey: nothing to compare
 
 
+def test_eval_report_reads_a_large_folder_in_grey_on_a_sample(data_root, tmp_path, monkeypatch):
+    """Above the grey reading's cap, the twin is read in grey on every stride-th image of each
+    split, and its colour features of the same images are the comparison: both as
+    knn_eval_backbone gives them on folders holding only those images."""
+    import shutil
+
+    import dino_fast.eval.collapse as collapse_mod
+    import dino_fast.train.loop as loop_mod
+    from dino_fast.eval.knn import knn_eval_backbone
+    from dino_fast.train.loop import GREY_TWIN, GREY_TWIN_COLOUR, run_eval_report
+
+    val = make_image_folder(tmp_path / "val", per_class=6, seed=1)  # 18 val + 24 train images
+    ev = ("eval.knn_k=[1, 3]", "eval.image_size=32", "eval.resize_size=40", f"data.val_root={val}")
+    tr = Trainer(tiny_config(data_root, tmp_path / "a", "train.max_iters=1", *ev))
+    tr.fit()
+    monkeypatch.setattr(loop_mod, "diagnose_gain", lambda *a, **kw: "barely")
+    monkeypatch.setattr(collapse_mod, "GREY_SAMPLE_IMAGES", 15)  # 42 images: stride 3
+    knn = run_eval_report(tr, linear=False).knn
+    picked = {}
+    for split, root in (("train", data_root), ("val", val)):  # every 3rd file, in the folder's order
+        files = sorted(p for p in root.rglob("*.jpg"))
+        for f in files[::3]:
+            dst = tmp_path / "picked" / split / f.parent.name / f.name
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(f, dst)
+        picked[split] = tmp_path / "picked" / split
+    torch.manual_seed(tr.cfg.train.seed + 12345)
+    twin = build_backbone(tr.cfg, teacher=True)
+
+    def by_hand():
+        return knn_eval_backbone(twin, picked["train"], picked["val"], ks=(1, 3), image_size=32, resize_size=40,
+                                 batch_size=tr.cfg.eval.batch_size)
+
+    colour = by_hand()
+    twin.grayscale_input = True
+    grey = by_hand()
+    for k in ("1", "3"):
+        assert knn[GREY_TWIN_COLOUR][k] == pytest.approx(colour[k], abs=1e-9), k
+        assert knn[GREY_TWIN][k] == pytest.approx(grey[k], abs=1e-9), k
+    assert knn[GREY_TWIN] != knn[GREY_TWIN_COLOUR]
+
+
+def test_knn_report_compares_the_grey_reading_with_its_own_images(caplog):
+    """The colour verdict reads the twin's colour figure of the grey reading's own sample where
+    there is one, the twin's whole-folder figure otherwise."""
+    import logging
+
+    from dino_fast.train.loop import GREY_TWIN, GREY_TWIN_COLOUR, _print_knn_report
+
+    def row(top1):
+        return {"20": {"top1": top1, "top5": 50.0}}
+
+    for extra, want in (({GREY_TWIN_COLOUR: row(9.0)}, "14.8 in grey against 9.0 in colour"),
+                        ({}, "14.8 in grey against 20.0 in colour")):
+        report = {"teacher": row(21.0), "random_init": row(20.0), GREY_TWIN: row(14.8), **extra}
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dino_fast.train"):
+            _print_knn_report(report)
+        assert any(want in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
 def test_colour_augmentation_comes_from_the_config(data_root, tmp_path):
     """data.jitter_p / color_jitter / grayscale_p reach the trainer's augmentation; defaults are
     the official ones."""
