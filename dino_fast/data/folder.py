@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["ImageRecord", "FolderScan", "list_image_files", "scan_image_folder", "load_rgb", "decode_rgb", "to_8bit",
-           "available_cores"]
+__all__ = ["ImageRecord", "FolderScan", "list_image_files", "scan_image_folder", "validate_image_files", "load_rgb",
+           "decode_rgb", "to_8bit", "available_cores"]
 
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL modes of more than 8 bits per pixel
 
@@ -196,6 +196,27 @@ def list_image_files(root: str | os.PathLike) -> tuple[list[str], list[tuple[str
     return classes, candidates
 
 
+def validate_image_files(
+    paths: Sequence[str], *, num_workers: int = 1, progress: bool = False
+) -> list[tuple[Optional[tuple[int, int, str]], Optional[str]]]:
+    """Open (and decode at 1/8 scale, for JPEGs) each file of ``paths``, as :func:`scan_image_folder` does.
+
+    Args:
+        paths: image file paths.
+        num_workers: threads (an int; more than 1 uses a pool once there are more than 16 files).
+        progress: show a progress bar (tqdm).
+
+    Returns:
+        One entry per path, in order: ``((height, width, mode), None)`` for a decodable image,
+        ``(None, reason)`` otherwise.
+    """
+    paths = list(paths)
+    if num_workers > 1 and len(paths) > 16:
+        with ThreadPoolExecutor(num_workers) as pool:
+            return list(_progress(pool.map(_validate, paths), len(paths), progress))
+    return [_validate(p) for p in _progress(paths, len(paths), progress)]
+
+
 def scan_image_folder(
     root: str | os.PathLike, *, num_workers: Optional[int] = None, progress: bool = False
 ) -> FolderScan:
@@ -213,13 +234,7 @@ def scan_image_folder(
     root_p = Path(root)
     classes, candidates = list_image_files(root_p)
     workers = available_cores() if num_workers is None else max(1, int(num_workers))
-    paths = [p for p, _ in candidates]
-    if workers > 1 and len(paths) > 16:
-        with ThreadPoolExecutor(workers) as pool:
-            it = pool.map(_validate, paths)
-            results = list(_progress(it, len(paths), progress))
-    else:
-        results = [_validate(p) for p in _progress(paths, len(paths), progress)]
+    results = validate_image_files([p for p, _ in candidates], num_workers=workers, progress=progress)
 
     scan = FolderScan(root=str(root_p), classes=classes, records=[])
     for (path, label), (info, reason) in zip(candidates, results):

@@ -110,6 +110,7 @@ class EvalEstimate(NamedTuple):
     # pass on a folder above GREY_SAMPLE_IMAGES)
     pass_seconds: float  # one pass over all the images
     linear_seconds: float  # every linear probe together
+    scan_seconds: float = 0.0  # the evaluation loaders' validation of every train and val file
 
 
 def _eval_passes(cfg: TrainConfig, backbone: nn.Module, n_train: int, n_val: int) -> float:
@@ -144,7 +145,9 @@ def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.d
       (:func:`dino_fast.eval.linear.linear_eval_features`: the lr sweep and the refit) on random
       features of the backbone's width, for :data:`LINEAR_TIMED_EPOCHS` epochs on up to
       :data:`LINEAR_SAMPLE` rows, scaled linearly to ``eval.linear_epochs`` and the train images;
-    - the number of passes and probes: :func:`_eval_passes`; all of it times :data:`EVAL_SLACK`.
+    - the number of passes and probes: :func:`_eval_passes`; all of it times :data:`EVAL_SLACK`;
+    - plus the evaluation loaders' check of every file (:func:`dino_fast.data.folder.scan_image_folder`
+      opens each one): the same check timed on the sample, scaled to the train + val images.
 
     Args:
         cfg: the run's config, data sizes final (``data.auto_crops`` applied).
@@ -157,7 +160,7 @@ def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.d
         The estimate, or ``None`` when the run evaluates nothing (``eval.knn_after_training``
         off, no val folder, a .beton, or no image found).
     """
-    from dino_fast.data.folder import list_image_files
+    from dino_fast.data.folder import available_cores, list_image_files, validate_image_files
     from dino_fast.data.loader import EvalImageFolder
     from dino_fast.eval.knn import run_eval_roots
     from dino_fast.eval.linear import extract_probe_features, linear_eval_features
@@ -175,6 +178,9 @@ def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.d
         return None
     stride = max(1, len(train_files) // EVAL_SAMPLE)
     sample = train_files[::stride][:EVAL_SAMPLE]
+    t0 = _clock()  # the evaluation's loaders validate every file first (scan_image_folder), with these threads
+    validate_image_files([p for p, _ in sample], num_workers=max(1, min(cfg.data.num_workers, available_cores())))
+    scan_seconds = (_clock() - t0) / len(sample) * n_images
     ds = EvalImageFolder.from_samples(sample, classes, image_size=cfg.eval.image_size,
                                       resize_size=cfg.eval.resize_size)
     bs = max(1, min(cfg.eval.batch_size, len(sample) // 4 or 1))
@@ -200,8 +206,8 @@ def estimate_eval_seconds(cfg: TrainConfig, backbone: nn.Module, device: torch.d
                              epochs=epochs, seed=0)
         one = (_clock() - t0) * (cfg.eval.linear_epochs / epochs) * (n_train / rows)
         linear_seconds = one * (2 if cfg.eval.compare_random_init else 1)
-    seconds = EVAL_SLACK * (passes * pass_seconds + linear_seconds)
-    return EvalEstimate(seconds, n_images, passes, pass_seconds, linear_seconds)
+    seconds = EVAL_SLACK * (passes * pass_seconds + linear_seconds) + scan_seconds
+    return EvalEstimate(seconds, n_images, passes, pass_seconds, linear_seconds, scan_seconds)
 
 
 def resumed_iterations(cfg: TrainConfig, out_dir: Path) -> Optional[int]:
@@ -288,7 +294,7 @@ def fit_to_budget(cfg: TrainConfig, make_trainer: Callable[[TrainConfig], Any], 
         evaluation = ("no end-of-run evaluation" if estimate is None else
                       f"the end-of-run evaluation estimated at {eval_s:.1f} s ({estimate.passes:.3g} pass(es) over "
                       f"{estimate.images} images at {estimate.pass_seconds:.1f} s each, linear probes "
-                      f"{estimate.linear_seconds:.1f} s)")
+                      f"{estimate.linear_seconds:.1f} s, file checks {estimate.scan_seconds:.1f} s)")
         log.info("train.time_budget_s=%g: %.3f s per iteration over %d probe steps (%s; %.1f s spent probing), "
                  "%s; %d iterations %s", budget, s_it, steps - 2,
                  "one epoch end included" if whole_epoch else "median", spent, evaluation, cfg.train.iterations,

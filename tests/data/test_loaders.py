@@ -120,6 +120,23 @@ def test_scan_reports_skips_and_conversions(folder: Path) -> None:
     assert converted == SPECIAL
 
 
+def test_validate_image_files_is_the_scans_check(folder: Path) -> None:
+    """The per-file check the scan runs (and the budget times): the same verdicts, in order, on one
+    thread or a pool."""
+    from dino_fast.data.folder import list_image_files, validate_image_files
+
+    paths = [p for p, _ in list_image_files(folder)[1]]
+    scan = scan_image_folder(folder, num_workers=1)
+    kept = {r.path: (r.height, r.width, r.mode) for r in scan.records}
+    skipped = dict(scan.skipped)
+    assert len(paths) > 16  # the pool takes over above 16 files
+    for workers in (1, 2):
+        got = validate_image_files(paths, num_workers=workers)
+        assert [info for info, _ in got] == [kept.get(p) for p in paths]
+        assert [reason for _, reason in got] == [skipped.get(p) for p in paths]
+    assert validate_image_files([]) == []
+
+
 def test_folder_loader_epoch_covers_every_image_once(folder: Path) -> None:
     cfg = _cfg(folder)
     with pytest.warns(UserWarning, match="skipped 3"):

@@ -176,9 +176,11 @@ def test_eval_estimate_by_hand(data_root, tmp_path, monkeypatch):
     sample = min(n_train, budget_mod.EVAL_SAMPLE)  # 24: every train image
     assert est.images == n_train + n_val and est.passes == 3
     assert est.pass_seconds == pytest.approx(1.0 / sample * (n_train + n_val))
+    assert est.scan_seconds == pytest.approx(1.0 / sample * (n_train + n_val))  # the file checks: 1 s for the sample
     linear_one = 1.0 * (10 / budget_mod.LINEAR_TIMED_EPOCHS) * (n_train / min(n_train, budget_mod.LINEAR_SAMPLE))
     assert est.linear_seconds == pytest.approx(2 * linear_one)
-    assert est.seconds == pytest.approx(budget_mod.EVAL_SLACK * (3 * est.pass_seconds + est.linear_seconds))
+    assert est.seconds == pytest.approx(budget_mod.EVAL_SLACK * (3 * est.pass_seconds + est.linear_seconds)
+                                        + est.scan_seconds)
 
     def with_(*extra):
         c = tiny_config(data_root, tmp_path / "o", f"data.val_root={val}", "eval.knn_after_training=true",
@@ -197,7 +199,7 @@ def test_eval_estimate_by_hand(data_root, tmp_path, monkeypatch):
     sampled = with_()
     assert sampled.passes == pytest.approx(2 + (6 + 3) / (n_train + n_val))
     assert sampled.seconds == pytest.approx(budget_mod.EVAL_SLACK * (sampled.passes * sampled.pass_seconds
-                                                                     + sampled.linear_seconds))
+                                                                     + sampled.linear_seconds) + sampled.scan_seconds)
 
 
 def test_the_evaluation_estimate_comes_out_of_the_budget(data_root, tmp_path, monkeypatch):
